@@ -1,0 +1,1 @@
+"""The client-facing WebSocket server: auth, protocol, subscription hub, fan-out."""

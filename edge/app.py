@@ -1,0 +1,58 @@
+"""Wires one edge process: bus subscriber, hub, server, keepalive, drain on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from edge.auth import Authenticator
+from edge.server import EdgeServer
+from shared.bus import Bus
+from shared.keystore import KeyStore
+from shared.settings import EdgeSettings
+
+log = logging.getLogger("fxproxy.edge")
+
+
+class EdgeApp:
+    def __init__(self, settings: EdgeSettings, bus: Bus, keystore: KeyStore | None) -> None:
+        self.settings = settings
+        self.server = EdgeServer(settings, bus, Authenticator(keystore, settings.api_keys))
+        self._listener: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        """Listen and subscribe; return the bound port."""
+        server = self.server
+        subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
+        server.hub.subscriber = subscriber
+        self._tasks = [asyncio.create_task(subscriber.run()), asyncio.create_task(server.keepalive())]
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            server.protocol_factory, self.settings.host, self.settings.port, backlog=4096
+        )
+        port: int = self._listener.sockets[0].getsockname()[1]
+        log.info("edge listening", extra={"host": self.settings.host, "port": port})
+        return port
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        if self._listener is not None:
+            self._listener.close()  # no new TCP connections while the old ones leave
+        await self.server.drain(timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        log.info("edge stopped")
+
+
+async def run_edge(
+    settings: EdgeSettings, bus: Bus, keystore: KeyStore | None, stop: asyncio.Event
+) -> None:
+    app = EdgeApp(settings, bus, keystore)
+    await app.start()
+    await stop.wait()
+    await app.stop()

@@ -1,0 +1,55 @@
+"""Handshake decisions, sans I/O: client address behind proxies, origin, plain HTTP replies."""
+
+from __future__ import annotations
+
+import email.utils
+import http
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+Network = IPv4Network | IPv6Network
+
+
+def parse_networks(cidrs: list[str]) -> list[Network]:
+    return [ip_network(c, strict=False) for c in cidrs]
+
+
+def _trusted(ip: str, trusted: list[Network]) -> bool:
+    try:
+        addr = ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in trusted)
+
+
+def client_ip(peer_ip: str, headers: Headers, trusted: list[Network]) -> str:
+    """The client's address: believe forwarding headers only from a trusted proxy."""
+    if not _trusted(peer_ip, trusted):
+        return peer_ip
+    forwarded = [p.strip() for p in ",".join(headers.get_all("X-Forwarded-For")).split(",")]
+    # Walk right to left past our own proxies; the first other hop is the client.
+    for hop in reversed([p for p in forwarded if p]):
+        if not _trusted(hop, trusted):
+            return hop
+    real = headers.get("X-Real-IP")
+    return real.strip() if real else peer_ip
+
+
+def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
+    # Non-browser clients send no Origin; the list guards against cross-site browser use.
+    return not allowed or origin is None or origin in allowed
+
+
+def http_response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+                  extra: list[tuple[str, str]] | None = None) -> Response:
+    code = http.HTTPStatus(status)
+    headers = Headers([
+        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Connection", "close"),
+        ("Content-Length", str(len(body))),
+        ("Content-Type", content_type),
+        *(extra or []),
+    ])
+    return Response(code.value, code.phrase, headers, body)

@@ -1,0 +1,1 @@
+"""fxproxy command line: the processes (edge, ingestor), dev tools (simfeed, demo, tail), admin."""

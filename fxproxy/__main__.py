@@ -1,0 +1,3 @@
+from fxproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""The `fxproxy` command: edge, ingestor, simfeed, demo, tail, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from fxproxy.config import ConfigError, add_settings_flags, load_settings
+from shared.logs import setup_logging
+from shared.names import Names
+from shared.settings import CommonSettings, EdgeSettings, IngestorSettings, SimfeedSettings
+
+
+def _run(coro: Coroutine[Any, Any, int | None]) -> int:
+    """Run on uvloop when it is installed; Ctrl-C ends quietly."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS
+        pass
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _bus_for(settings: CommonSettings, history_len: int = 1000) -> Any:
+    from shared.redis_bus import RedisBus
+
+    return RedisBus.from_url(settings.redis_url, Names(settings.prefix), history_len)
+
+
+async def _edge(settings: EdgeSettings) -> int:
+    from edge.app import run_edge
+    from shared.keystore import RedisKeyStore
+
+    bus = _bus_for(settings)
+    try:
+        await run_edge(settings, bus, RedisKeyStore(bus.client, bus.names), _stop_on_signals())
+    finally:
+        await bus.close()
+    return 0
+
+
+async def _ingestor(settings: IngestorSettings) -> int:
+    from ingestor.app import run_ingestor
+
+    bus = _bus_for(settings, settings.history_len)
+    try:
+        await run_ingestor(settings, bus, _stop_on_signals())
+    finally:
+        await bus.close()
+    return 0
+
+
+async def _simfeed(settings: SimfeedSettings) -> int:
+    from fxproxy.simfeed import SimFeed
+
+    feed = SimFeed(settings.key.get_secret_value(), settings.rate)
+    await feed.start(settings.host, settings.port)
+    await _stop_on_signals().wait()
+    await feed.close()
+    return 0
+
+
+async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
+    from fxproxy.keys import create_key, print_keys, revoke_key
+    from shared.keystore import KeyExists, RedisKeyStore
+
+    bus = _bus_for(settings)
+    store = RedisKeyStore(bus.client, bus.names)
+    try:
+        if args.keys_command == "create":
+            symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
+            try:
+                key = await create_key(store, args.name, symbols, args.max_connections)
+            except KeyExists:
+                print(f"fxproxy keys: a key named {args.name!r} exists already", file=sys.stderr)
+                return 1
+            print(key)
+            print(f"(key {args.name!r} created; it is shown only this once)", file=sys.stderr)
+        elif args.keys_command == "list":
+            print_keys(await store.list(), sys.stdout)
+        elif args.keys_command == "revoke":
+            if not await revoke_key(store, bus, args.name):
+                print(f"fxproxy keys: no key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name!r}; its connections are being closed (4003)")
+    finally:
+        await bus.close()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxproxy", description="Horizontally scaled WebSocket proxy "
+                                "for real-time market data.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    edge = sub.add_parser("edge", help="run a client-facing edge (needs Redis)")
+    add_settings_flags(edge, EdgeSettings)
+
+    ingestor = sub.add_parser("ingestor", help="run the ingestor: upstream feed -> Redis")
+    add_settings_flags(ingestor, IngestorSettings)
+
+    simfeed = sub.add_parser("simfeed", help="run a simulated TraderMade-style vendor feed")
+    add_settings_flags(simfeed, SimfeedSettings, skip=frozenset(CommonSettings.model_fields) - {"log_level", "log_format"})
+
+    demo = sub.add_parser("demo", help="everything in one process, no Redis: watch ticks flow")
+    demo.add_argument("--port", type=int, default=8080, help="edge port (default 8080)")
+    demo.add_argument("--key", default="demo-key", help="API key clients use (default demo-key)")
+    demo.add_argument("--rate", type=float, default=2.0, help="ticks/s per symbol (default 2)")
+    demo.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0 = never)")
+
+    tail = sub.add_parser("tail", help="print ticks from an edge")
+    tail.add_argument("url", help="ws://HOST:PORT/v1/stream or ws://HOST:PORT/feedadv")
+    tail.add_argument("--key", required=True, help="API key")
+    tail.add_argument("--symbols", required=True, help="comma-separated, e.g. EURUSD,GBPUSD")
+    tail.add_argument("--count", type=int, default=0, help="stop after N ticks (0 = never)")
+    tail.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0 = never)")
+    tail.add_argument("--raw", action="store_true", help="print frames as received")
+
+    keys = sub.add_parser("keys", help="manage API keys in Redis")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key; prints it once")
+    create.add_argument("--name", required=True, help="unique name, used in logs and to revoke")
+    create.add_argument("--symbols", default="*", help="allowed symbol globs, e.g. 'EUR*,GBPUSD'")
+    create.add_argument("--max-connections", type=int, default=0,
+                        help="concurrent connections across the cluster (0 = no limit)")
+    keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key; its connections close with 4003")
+    revoke.add_argument("name")
+    for action in (create, keys_sub.choices["list"], revoke):
+        action.add_argument("--redis-url", dest="redis_url", default=argparse.SUPPRESS,
+                            help="Redis URL [FXPROXY_REDIS_URL]")
+        action.add_argument("--prefix", default=argparse.SUPPRESS, help="key prefix [FXPROXY_PREFIX]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "tail":
+            from fxproxy.tail import tail
+
+            symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
+            return _run(_tail_main(tail(args.url, args.key, symbols, count=args.count,
+                                        duration=args.duration, raw=args.raw)))
+        if args.command == "demo":
+            from fxproxy.demo import run_demo
+
+            setup_logging("warning", "console")
+            return _run(run_demo(args.port, args.key, args.duration, args.rate))
+        model: type[CommonSettings] = {
+            "edge": EdgeSettings, "ingestor": IngestorSettings, "simfeed": SimfeedSettings,
+            "keys": CommonSettings,
+        }[args.command]
+        settings = load_settings(model, args)
+        setup_logging(settings.log_level, settings.log_format)
+        if isinstance(settings, EdgeSettings):
+            return _run(_edge(settings))
+        if isinstance(settings, IngestorSettings):
+            return _run(_ingestor(settings))
+        if isinstance(settings, SimfeedSettings):
+            return _run(_simfeed(settings))
+        return _run(_keys(args, settings))
+    except ConfigError as exc:
+        print(f"fxproxy {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # settings that parse but cannot work together
+        print(f"fxproxy {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (RedisError, OSError) as exc:
+        print(f"fxproxy {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _tail_main(coro: Coroutine[Any, Any, int]) -> int:
+    with contextlib.suppress(asyncio.CancelledError):
+        await coro
+    return 0

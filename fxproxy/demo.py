@@ -1,0 +1,65 @@
+"""`fxproxy demo`: simulated feed, ingestor and edge in one process on the in-memory bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+from edge.app import EdgeApp
+from fxproxy.simfeed import SimFeed
+from fxproxy.tail import tail
+from ingestor.app import run_ingestor
+from shared.memory_bus import MemoryBus
+from shared.settings import EdgeSettings, IngestorSettings
+
+DEMO_SYMBOLS = ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCAD", "USDCHF", "NZDUSD", "EURGBP",
+                "EURJPY", "GBPJPY", "EURCHF", "AUDJPY", "EURAUD", "USDSEK", "USDNOK", "XAUUSD"]
+SHOWN = ["EURUSD", "GBPUSD", "USDJPY"]
+
+
+async def run_demo(port: int, key: str, duration: float, rate: float) -> int:
+    bus = MemoryBus()
+    upstream_key = "demo-upstream-key"
+    feed = SimFeed(upstream_key, rate)
+    feed_port = await feed.start("127.0.0.1", 0)
+    stop = asyncio.Event()
+    ingestor = asyncio.create_task(run_ingestor(
+        IngestorSettings(
+            upstream_urls=[f"ws://127.0.0.1:{feed_port}/"], upstream_key=upstream_key,
+            symbols=DEMO_SYMBOLS, metrics_port=0,
+        ),
+        bus, stop,
+    ))
+    edge = EdgeApp(EdgeSettings(host="127.0.0.1", port=port, api_keys=[key]), bus, None)
+    try:
+        bound = await edge.start()
+    except OSError as exc:
+        print(f"fxproxy demo: cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
+              f"try --port {port + 1}", file=sys.stderr)
+        stop.set()
+        await ingestor
+        await feed.close()
+        return 1
+    base = f"ws://127.0.0.1:{bound}"
+    print(f"""fxproxy demo is running (simulated feed -> ingestor -> in-memory bus -> edge)
+
+  native stream     {base}/v1/stream      (header: Authorization: Bearer {key})
+  TraderMade style  {base}/feedadv
+  health / metrics  http://127.0.0.1:{bound}/readyz   http://127.0.0.1:{bound}/metrics
+  API key           {key}
+
+  try:  fxproxy tail {base}/v1/stream --key {key} --symbols EURUSD,XAUUSD
+
+Live ticks as a client of the edge receives them ({', '.join(SHOWN)}); Ctrl-C to stop:
+""", flush=True)
+    try:
+        await asyncio.sleep(0.2)  # let the first ticks reach the bus, so snapshots exist
+        await tail(f"{base}/v1/stream", key, SHOWN, duration=duration)
+    finally:
+        stop.set()
+        await edge.stop(drain_timeout=0)
+        with contextlib.suppress(asyncio.CancelledError):
+            await ingestor
+        await feed.close()
+    return 0

@@ -1,0 +1,33 @@
+"""Admin commands for API keys: create (shown once), list, update, revoke."""
+
+from __future__ import annotations
+
+import time
+from typing import TextIO
+
+from shared.bus import Bus
+from shared.keystore import KeyRecord, KeyStore, generate_key, hash_key, key_changed_event
+
+
+async def create_key(store: KeyStore, name: str, symbols: list[str], max_connections: int) -> str:
+    key = generate_key()
+    await store.create(hash_key(key), KeyRecord(name, tuple(symbols) or ("*",), max_connections))
+    return key
+
+
+def print_keys(records: list[KeyRecord], out: TextIO) -> None:
+    print(f"{'NAME':<24} {'STATUS':<9} {'MAX CONN':>8}  {'CREATED':<20} SYMBOLS", file=out)
+    for r in records:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created / 1000))
+        status = "revoked" if r.disabled else "active"
+        limit = str(r.max_connections) if r.max_connections else "-"
+        print(f"{r.name:<24} {status:<9} {limit:>8}  {created:<20} {','.join(r.symbols)}", file=out)
+
+
+async def revoke_key(store: KeyStore, bus: Bus, name: str) -> bool:
+    """Disable a key and tell every edge, which closes its connections with 4003."""
+    key_hash = await store.revoke(name)
+    if key_hash is None:
+        return False
+    await bus.publish_control(key_changed_event(key_hash))
+    return True

@@ -1,0 +1,1 @@
+"""Owns the upstream vendor connection and publishes numbered ticks to the bus."""

@@ -1,0 +1,13 @@
+"""Prometheus metrics of the ingestor."""
+
+from prometheus_client import Counter, Gauge
+
+QUOTES_RECEIVED = Counter("fxproxy_ingestor_quotes_received", "Quotes received from upstream")
+MALFORMED = Counter("fxproxy_ingestor_malformed_messages", "Upstream messages skipped as malformed")
+NOTICES = Counter("fxproxy_ingestor_vendor_notices", "Non-tick texts received from upstream")
+TICKS_PUBLISHED = Counter("fxproxy_ingestor_ticks_published", "Ticks published to the bus")
+PUBLISH_ERRORS = Counter("fxproxy_ingestor_publish_errors", "Failed publish round trips")
+DROPPED = Counter("fxproxy_ingestor_ticks_dropped", "Ticks dropped because the queue was full")
+RECONNECTS = Counter("fxproxy_ingestor_upstream_reconnects", "Upstream connection attempts after a loss")
+UPSTREAM_UP = Gauge("fxproxy_ingestor_upstream_connected", "1 while logged in upstream")
+QUEUE = Gauge("fxproxy_ingestor_publish_queue", "Ticks waiting to be published")

@@ -1,0 +1,70 @@
+"""Batches encoded ticks and publishes each batch in one pipelined round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from redis.exceptions import RedisError
+
+from ingestor import metrics
+from ingestor.backoff import Backoff
+from shared.bus import Bus, Message
+from shared.tick import Tick, encode_tick
+
+log = logging.getLogger("fxproxy.ingestor.publisher")
+
+
+class Publisher:
+    """Ticks queue while a round trip is in flight, so batches grow with load by themselves."""
+
+    def __init__(self, bus: Bus, max_queue: int = 100_000, max_batch: int = 2000) -> None:
+        self._bus = bus
+        self._queue: deque[Message] = deque()
+        self._max_queue = max_queue
+        self._max_batch = max_batch
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def put(self, tick: Tick) -> None:
+        if len(self._queue) >= self._max_queue:
+            # Redis has been away long enough to fill the queue: old prices are worth least.
+            self._queue.popleft()
+            metrics.DROPPED.inc()
+        self._queue.append(Message(tick.symbol, tick.seq, encode_tick(tick)))
+        self._idle.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                n = min(len(self._queue), self._max_batch)
+                batch = [self._queue.popleft() for _ in range(n)]
+                metrics.QUEUE.set(len(self._queue))
+                try:
+                    await self._bus.publish(batch)
+                except (RedisError, OSError) as exc:
+                    # Keep the batch: edges drop duplicate seqs, so a retry never shows twice.
+                    self._queue.extendleft(reversed(batch))
+                    metrics.PUBLISH_ERRORS.inc()
+                    delay = backoff.next_delay()
+                    log.warning("publish failed", extra={"error": str(exc), "retry_s": round(delay, 2)})
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                metrics.TICKS_PUBLISHED.inc(n)
+            self._idle.set()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until everything queued is published; False if that took too long."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False

@@ -1,0 +1,1 @@
+"""Code shared by the ingestor and the edge; imports nothing else of fxproxy."""

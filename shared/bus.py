@@ -1,0 +1,62 @@
+"""The bus interface between ingestor and edges; Redis and in-memory implementations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import NamedTuple, Protocol
+
+from shared.names import Names
+
+
+class Message(NamedTuple):
+    symbol: str
+    seq: int
+    payload: bytes  # the encoded tick, forwarded to clients as is
+
+
+TickHandler = Callable[[str, bytes], None]
+ControlHandler = Callable[[bytes], None]
+StateHandler = Callable[[bool], None]
+
+
+class Subscriber(Protocol):
+    """One subscription connection: the edge's single reader of the bus."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def subscribe(self, symbols: Collection[str]) -> None: ...
+
+    async def unsubscribe(self, symbols: Collection[str]) -> None: ...
+
+    async def run(self) -> None:
+        """Deliver messages until cancelled, reconnecting and resubscribing on loss."""
+        ...
+
+
+class Bus(Protocol):
+    names: Names
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish ticks, update last values and history, in one round trip."""
+        ...
+
+    async def last(self, symbols: Collection[str] | None = None) -> dict[str, bytes]:
+        """Last payload per symbol (all symbols when None)."""
+        ...
+
+    async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
+        """Payloads with seq > after_seq, oldest first, at most `limit`."""
+        ...
+
+    async def publish_control(self, event: bytes) -> None: ...
+
+    def subscriber(
+        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
+    ) -> Subscriber: ...
+
+    async def ping(self) -> None:
+        """Raise if the bus is unreachable."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,180 @@
+"""The bus on Redis: pub/sub for ticks and control, a hash for last values, streams for history."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Collection, Sequence
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from shared.bus import ControlHandler, Message, StateHandler, TickHandler
+from shared.names import Names
+
+log = logging.getLogger("fxproxy.bus")
+
+
+def connect_redis(url: str) -> Redis:
+    # health_check_interval makes a silently dead connection show itself instead of hanging.
+    return Redis.from_url(
+        url, health_check_interval=10, socket_keepalive=True, socket_connect_timeout=5
+    )
+
+
+class RedisSubscriber:
+    def __init__(
+        self, client: Redis, names: Names, on_tick: TickHandler, on_control: ControlHandler,
+        on_state: StateHandler,
+    ) -> None:
+        self._client = client
+        self._names = names
+        self._on_tick = on_tick
+        self._on_control = on_control
+        self._on_state = on_state
+        self._symbols: set[str] = set()
+        self._pubsub: PubSub | None = None
+        self._connected = False
+        self._control = names.control.encode()
+        self._tick_prefix = names.tick_channel_prefix.encode()
+        self._symbol_of: dict[bytes, str] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def subscribe(self, symbols: Collection[str]) -> None:
+        new = [s for s in symbols if s not in self._symbols]
+        self._symbols.update(new)
+        await self._send("subscribe", new)
+
+    async def unsubscribe(self, symbols: Collection[str]) -> None:
+        gone = [s for s in symbols if s in self._symbols]
+        self._symbols.difference_update(gone)
+        await self._send("unsubscribe", gone)
+
+    async def _send(self, command: str, symbols: list[str]) -> None:
+        if not symbols or self._pubsub is None or not self._connected:
+            return  # run() subscribes to the whole set when it (re)connects
+        channels = [self._names.tick_channel(s) for s in symbols]
+        try:
+            await getattr(self._pubsub, command)(*channels)
+        except (RedisError, OSError) as exc:
+            # The reader sees the same failure and resubscribes everything on reconnect.
+            log.warning("bus %s failed", command, extra={"error": str(exc)})
+
+    async def run(self) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                channels = [self._names.control, *map(self._names.tick_channel, self._symbols)]
+                await pubsub.subscribe(*channels)
+                self._pubsub = pubsub
+                self._connected = True
+                self._on_state(True)
+                delay = 0.1
+                await self._read(pubsub)
+            except (RedisError, OSError) as exc:
+                log.warning("bus subscriber lost", extra={"error": str(exc), "retry_s": delay})
+            finally:
+                self._pubsub = None
+                if self._connected:
+                    self._connected = False
+                    self._on_state(False)
+                await _close_quietly(pubsub)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
+
+    async def _read(self, pubsub: PubSub) -> None:
+        prefix_len = len(self._tick_prefix)
+        symbol_of = self._symbol_of
+        while True:
+            msg: dict[str, Any] | None = await pubsub.get_message(timeout=5.0)
+            if msg is None:
+                await pubsub.check_health()  # type: ignore[no-untyped-call]
+                continue
+            if msg["type"] != "message":
+                continue
+            channel: bytes = msg["channel"]
+            if channel == self._control:
+                self._on_control(msg["data"])
+                continue
+            symbol = symbol_of.get(channel)
+            if symbol is None:
+                symbol = symbol_of[channel] = channel[prefix_len:].decode()
+            self._on_tick(symbol, msg["data"])
+
+
+async def _close_quietly(pubsub: PubSub) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class RedisBus:
+    def __init__(self, client: Redis, names: Names | None = None, history_len: int = 1000) -> None:
+        self.client = client
+        self.names = names or Names()
+        self._history_len = history_len
+
+    @classmethod
+    def from_url(cls, url: str, names: Names | None = None, history_len: int = 1000) -> RedisBus:
+        return cls(connect_redis(url), names, history_len)
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        n = self.names
+        pipe = self.client.pipeline(transaction=False)
+        latest: dict[str, bytes] = {}
+        for symbol, seq, payload in messages:
+            pipe.publish(n.tick_channel(symbol), payload)
+            # The stream id is the seq, so a replay is an exact XRANGE and a stale
+            # second publisher of the same seq is refused by Redis.
+            pipe.xadd(
+                n.history(symbol), {"p": payload}, id=f"{seq}-0",
+                maxlen=self._history_len, approximate=True,
+            )
+            latest[symbol] = payload
+        pipe.hset(n.last, mapping=latest)  # type: ignore[arg-type]
+        results = await pipe.execute(raise_on_error=False)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            log.error("publish partly failed", extra={"errors": len(errors), "first": str(errors[0])})
+
+    async def last(self, symbols: Collection[str] | None = None) -> dict[str, bytes]:
+        if symbols is None:
+            raw = cast(dict[bytes, bytes], await self.client.hgetall(self.names.last))
+            return {k.decode(): v for k, v in raw.items()}
+        wanted = list(symbols)
+        if not wanted:
+            return {}
+        values = cast(list[bytes | None], await self.client.hmget(self.names.last, wanted))
+        return {s: v for s, v in zip(wanted, values, strict=True) if v is not None}
+
+    async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
+        if limit <= 0:
+            return []
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await self.client.xrange(
+                self.names.history(symbol), min=f"{after_seq + 1}-0", max="+", count=limit
+            ),
+        )
+        return [fields[b"p"] for _id, fields in entries]
+
+    async def publish_control(self, event: bytes) -> None:
+        await self.client.publish(self.names.control, event)
+
+    def subscriber(
+        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
+    ) -> RedisSubscriber:
+        return RedisSubscriber(self.client, self.names, on_tick, on_control, on_state)
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,120 @@
+"""Process settings: one pydantic-settings model per process, env prefix FXPROXY_."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Lists arrive as "a,b,c" in env vars and flags; NoDecode stops pydantic-settings
+# from insisting on JSON so the validator below can split them.
+CsvList = Annotated[list[str], NoDecode]
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FXPROXY_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL of the bus (redis:// or rediss://)"
+    )
+    prefix: str = Field("fx:", description="Prefix of every Redis key and channel")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json: one object a line; console: readable; auto: console on a TTY"
+    )
+
+
+class EdgeSettings(CommonSettings):
+    host: str = Field("0.0.0.0", description="Address the edge listens on")
+    port: int = Field(8080, ge=0, le=65535, description="Port for WebSocket, health and metrics (0 = any)")
+    edge_id: str = Field("", description="Id of this edge in the cluster (default: host-pid-random)")
+    api_keys: CsvList = Field(
+        default_factory=list, repr=False, description="Static API keys (dev only), comma-separated"
+    )
+    handshake_timeout: float = Field(10.0, gt=0, description="Seconds to finish the HTTP handshake")
+    auth_timeout: float = Field(10.0, gt=0, description="Seconds to send the auth frame")
+    max_frame_size: int = Field(4096, ge=128, description="Largest client frame in bytes (1009)")
+    max_subscriptions: int = Field(200, ge=1, description="Symbols one connection may hold")
+    max_symbols_per_request: int = Field(100, ge=1, description="Symbols in one subscribe frame")
+    max_connections: int = Field(10000, ge=1, description="Connections this edge accepts")
+    allowed_origins: CsvList = Field(
+        default_factory=list, description="Allowed Origin headers; empty allows any"
+    )
+    trusted_proxies: CsvList = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="CIDRs whose X-Forwarded-For / X-Real-IP are believed",
+    )
+    handshake_rate: float = Field(20.0, gt=0, description="Handshakes per second per client IP")
+    handshake_burst: int = Field(40, ge=1, description="Handshake burst per client IP")
+    op_rate: float = Field(10.0, gt=0, description="Client frames per second per connection")
+    op_burst: int = Field(30, ge=1, description="Client frame burst per connection")
+    max_strikes: int = Field(
+        10, ge=1, description="Rejected frames (errors, rate limit) before closing with 1008"
+    )
+    write_delay: float = Field(
+        0.0, ge=0, le=1, description="Seconds to hold a client's frames so they leave in one write"
+    )
+    write_buffer: int = Field(
+        256 * 1024, ge=4096, description="Bytes queued to a client before it counts as slow"
+    )
+    slow_client_timeout: float = Field(
+        5.0, gt=0, description="Seconds a client may stay slow (conflated) before 1013"
+    )
+    ping_interval: float = Field(20.0, gt=0, description="Seconds between keepalive pings")
+    drain_timeout: float = Field(10.0, ge=0, description="Seconds to shed clients on SIGTERM")
+    replay_limit: int = Field(1000, ge=0, description="Most ticks replayed for a `since` resume")
+
+    @field_validator("api_keys", "allowed_origins", "trusted_proxies", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    def resolved_edge_id(self) -> str:
+        return self.edge_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+class IngestorSettings(CommonSettings):
+    upstream_urls: CsvList = Field(
+        default_factory=list, description="Upstream WebSocket URLs, tried in order, comma-separated"
+    )
+    upstream_key: SecretStr = Field(SecretStr(""), description="Vendor API key (userKey)")
+    upstream_headers: dict[str, str] = Field(
+        default_factory=dict, description='Extra upstream handshake headers, JSON: {"X-A":"b"}'
+    )
+    symbols: CsvList = Field(default_factory=list, description="Symbols to stream, comma-separated")
+    silence_timeout: float = Field(
+        10.0, gt=0, description="Seconds without upstream data before it counts as dead"
+    )
+    backoff_initial: float = Field(0.5, gt=0, description="First reconnect delay in seconds")
+    backoff_max: float = Field(30.0, gt=0, description="Longest reconnect delay in seconds")
+    history_len: int = Field(1000, ge=1, description="Ticks kept per symbol for gap recovery")
+    metrics_host: str = Field("0.0.0.0", description="Address of the metrics/health endpoint")
+    metrics_port: int = Field(9102, ge=0, le=65535, description="Metrics port (0 = off)")
+
+    @field_validator("upstream_urls", "symbols", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols_upper(cls, value: list[str]) -> list[str]:
+        return [s.upper() for s in value]
+
+
+class SimfeedSettings(CommonSettings):
+    host: str = Field("127.0.0.1", description="Address the simulated feed listens on")
+    port: int = Field(9100, ge=0, le=65535, description="Port of the simulated feed")
+    key: SecretStr = Field(SecretStr("demo-upstream-key"), description="userKey the feed accepts")
+    rate: float = Field(10.0, gt=0, description="Ticks per second per subscribed symbol")
