@@ -269,9 +269,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"process exited with code {proc.returncode} before listening on {port}"
-            )
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
             if s.connect_ex((HOST, port)) == 0:
@@ -315,6 +313,45 @@ def rss_kb(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def parse_cpus(spec: str | None) -> list[int]:
+    """'1' / '0,2' / '2-3' -> [cpu, ...]"""
+    out: list[int] = []
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per-CPU (busy, total) jiffies from /proc/stat (busy includes irq/softirq)."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *vals = line.split()
+            nums = [int(v) for v in vals[:8]]
+            idle = nums[3] + nums[4]
+            out[int(name[3:])] = (sum(nums) - idle, sum(nums))
+    return out
+
+
+def core_busy(start: Sample, end: Sample, cores: list[int]) -> float | None:
+    """Average busy % of ``cores`` between two samples."""
+    busy = total = 0
+    for c in cores:
+        if c in start.cores and c in end.cores:
+            busy += end.cores[c][0] - start.cores[c][0]
+            total += end.cores[c][1] - start.cores[c][1]
+    return round(100 * busy / total, 1) if total > 0 else None
 
 
 def cpus_available() -> set[int]:
@@ -405,6 +442,8 @@ class Sample:
     server_rss: int | None
     client_cpu: float | None
     redis_cpu: float | None
+    publisher_cpu: float | None
+    cores: dict[int, tuple[int, int]]
 
 
 @dataclass
@@ -435,11 +474,7 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
     res = RunResult(server=spec.name, run=run_no, ok=False)
     symbols = symbol_list(args.symbols)
     server_cpus = args.cpu
-    others = (
-        sorted(cpus_available() - {int(c) for c in args.cpu.split(",") if c.strip().isdigit()})
-        if args.cpu
-        else []
-    )
+    others = sorted(cpus_available() - set(parse_cpus(args.cpu))) if args.cpu else []
     other_cpus = ",".join(str(c) for c in others) or None
     if args.cpu and not other_cpus:
         progress("warning: no CPU left for the load generator; not pinning it")
@@ -489,15 +524,17 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
         samples: dict[str, Sample] = {}
         events: queue.Queue[str] = queue.Queue()
         lc_other: list[str] = []
-        lc_pid: list[int] = []
+        pids: dict[str, int] = {}
 
         def sample(name: str) -> None:
             samples[name] = Sample(
                 t=time.monotonic(),
                 server_cpu=cpu_seconds(server.pid),
                 server_rss=rss_kb(server.pid),
-                client_cpu=cpu_seconds(lc_pid[0]) if lc_pid else None,
+                client_cpu=cpu_seconds(pids["loadclient"]) if "loadclient" in pids else None,
                 redis_cpu=cpu_seconds(redis_proc.pid),
+                publisher_cpu=cpu_seconds(pids["publisher"]) if "publisher" in pids else None,
+                cores=core_times(),
             )
 
         def on_event(ev: dict[str, Any]) -> None:
@@ -525,10 +562,8 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
             "--start-timeout", "15",
         ]  # fmt: skip
         lc = procs.start("loadclient", lc_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        lc_pid.append(lc.pid)
-        reader = threading.Thread(
-            target=read_events, args=(lc.stderr, on_event, lc_other), daemon=True
-        )
+        pids["loadclient"] = lc.pid
+        reader = threading.Thread(target=read_events, args=(lc.stderr, on_event, lc_other), daemon=True)
         reader.start()
 
         def wait_event(name: str, timeout: float) -> None:
@@ -548,8 +583,7 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
                         ) from None
                     if server.poll() is not None:
                         raise RuntimeError(
-                            f"server exited ({server.returncode})\n"
-                            f"--- {server_log} ---\n{tail(server_log)}"
+                            f"server exited ({server.returncode})\n--- {server_log} ---\n{tail(server_log)}"
                         ) from None
 
         wait_event("ready", connect_timeout + 10)
@@ -572,6 +606,7 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
         ]  # fmt: skip
         with open(LOG_DIR / f"{tag}.publisher.log", "wb") as plog:
             pub = procs.start("publisher", pub_argv, stdout=subprocess.PIPE, stderr=plog)
+        pids["publisher"] = pub.pid
 
         # 5. measured window
         wait_event("window_start", 15 + args.warmup + 15)
@@ -589,14 +624,14 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
         procs.stop(pub, timeout=10)
         if pub.stdout is not None:
             pub_lines = [
-                ln
-                for ln in pub.stdout.read().decode(errors="replace").splitlines()
-                if ln.startswith("{")
+                ln for ln in pub.stdout.read().decode(errors="replace").splitlines() if ln.startswith("{")
             ]
             if pub_lines:
                 res.publisher = json.loads(pub_lines[-1])
         server_alive = server.poll() is None
-        res.metrics.update(compute_metrics(res.client, samples, rss_before, args))
+        res.metrics.update(
+            compute_metrics(res.client, samples, rss_before, args, parse_cpus(server_cpus), others)
+        )
         res.metrics["server_alive_at_end"] = server_alive
         if lc_other and args.verbose:
             progress(f"{tag}: loadclient said: " + " | ".join(lc_other[-10:]))
@@ -614,6 +649,8 @@ def compute_metrics(
     samples: dict[str, Sample],
     rss_before: int | None,
     args: argparse.Namespace,
+    server_cores: list[int],
+    other_cores: list[int],
 ) -> dict[str, Any]:
     m: dict[str, Any] = {}
     start, end = samples.get("window_start"), samples.get("window_end")
@@ -632,6 +669,10 @@ def compute_metrics(
             m["client_cpu_pct"] = round(100 * (end.client_cpu - start.client_cpu) / wall, 1)
         if start.redis_cpu is not None and end.redis_cpu is not None and wall > 0:
             m["redis_cpu_pct"] = round(100 * (end.redis_cpu - start.redis_cpu) / wall, 1)
+        if start.publisher_cpu is not None and end.publisher_cpu is not None and wall > 0:
+            m["publisher_cpu_pct"] = round(100 * (end.publisher_cpu - start.publisher_cpu) / wall, 1)
+        m["server_core_busy_pct"] = core_busy(start, end, server_cores)
+        m["loadgen_core_busy_pct"] = core_busy(start, end, other_cores)
         m["rss_start_kb"] = start.server_rss
         m["rss_end_kb"] = end.server_rss
     ready = samples.get("ready")
@@ -665,6 +706,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("disc", "disconnects", "{:d}"),
     ("seq gaps", "seq_gaps", "{:d}"),
     ("client CPU%", "client_cpu_pct", "{:.0f}"),
+    ("loadgen core%", "loadgen_core_busy_pct", "{:.0f}"),
 ]
 
 
@@ -684,16 +726,12 @@ def print_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> None:
     print(title)
     print(
         "  ".join(
-            h.rjust(w) if i else h.ljust(w)
-            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+            h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))
         )
     )
     for r in body:
         print(
-            "  ".join(
-                c.rjust(w) if i else c.ljust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         )
     print()
 
@@ -710,11 +748,7 @@ def median_metrics(results: list[RunResult]) -> dict[str, Any]:
         vals = [r.metrics[k] for r in results if isinstance(r.metrics.get(k), int | float)]
         if vals:
             med = statistics.median(vals)
-            out[k] = (
-                int(med)
-                if all(isinstance(v, int) for v in vals) and float(med).is_integer()
-                else med
-            )
+            out[k] = int(med) if all(isinstance(v, int) for v in vals) and float(med).is_integer() else med
     return out
 
 
@@ -754,9 +788,7 @@ def iter_runs(servers: list[str], repeat: int) -> Iterator[tuple[int, str]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=1000, help="WebSocket connections (default 1000)")
     p.add_argument(
         "--rate",
@@ -767,18 +799,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--symbols", type=int, default=10, help="number of symbols; every client subscribes to all"
     )
-    p.add_argument(
-        "--duration", type=float, default=20.0, help="measured window, seconds (default 20)"
-    )
+    p.add_argument("--duration", type=float, default=20.0, help="measured window, seconds (default 20)")
     p.add_argument(
         "--warmup", type=float, default=5.0, help="seconds of traffic before measuring (default 5)"
     )
-    p.add_argument(
-        "--slow-fraction", type=float, default=0.0, help="fraction of clients that never read"
-    )
-    p.add_argument(
-        "--write-delay-ms", type=float, default=0.0, help="edge only: FXPROXY_WRITE_DELAY (ms)"
-    )
+    p.add_argument("--slow-fraction", type=float, default=0.0, help="fraction of clients that never read")
+    p.add_argument("--write-delay-ms", type=float, default=0.0, help="edge only: FXPROXY_WRITE_DELAY (ms)")
     p.add_argument("--compare", action="store_true", help="run edge, naive, broadcast and node")
     p.add_argument(
         "--servers", default=None, help=f"comma list out of {','.join(ALL_SERVERS)} (default edge)"
@@ -790,9 +816,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU list for the server under test (taskset -c); '' = no pinning",
     )
     p.add_argument("--connect-rate", type=float, default=2000.0, help="new connections per second")
-    p.add_argument(
-        "--start-timeout", type=float, default=30.0, help="seconds to wait for the server's port"
-    )
+    p.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for the server's port")
     p.add_argument(
         "--edge-env",
         action="append",
@@ -813,13 +837,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown server(s): {', '.join(bad)}")
     args.server_list = servers
-    if (
-        args.clients <= 0
-        or args.rate <= 0
-        or args.duration <= 0
-        or args.warmup < 0
-        or args.repeat < 1
-    ):
+    if args.clients <= 0 or args.rate <= 0 or args.duration <= 0 or args.warmup < 0 or args.repeat < 1:
         p.error("--clients, --rate, --duration, --repeat must be positive")
     if not 0.0 <= args.slow_fraction <= 1.0:
         p.error("--slow-fraction must be within [0, 1]")

@@ -98,12 +98,8 @@ class NaiveServer:
                 fid = frame.get("id")
                 symbols = frame.get("symbols")
                 if op in ("subscribe", "unsubscribe"):
-                    if not isinstance(symbols, list) or not all(
-                        isinstance(s, str) for s in symbols
-                    ):
-                        await self.send_error(
-                            ws, fid, "bad_request", "symbols must be a list of strings"
-                        )
+                    if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
+                        await self.send_error(ws, fid, "bad_request", "symbols must be a list of strings")
                         continue
                     syms = [s.upper() for s in symbols]
                     if op == "subscribe":
@@ -124,9 +120,7 @@ class NaiveServer:
         finally:
             self.hub.remove(ws, mine)
 
-    async def subscribe(
-        self, ws: ServerConnection, fid: Any, syms: list[str], mine: set[str]
-    ) -> None:
+    async def subscribe(self, ws: ServerConnection, fid: Any, syms: list[str], mine: set[str]) -> None:
         new = [s for s in syms if s not in mine]
         mine.update(new)
         self.hub.add(ws, new)
@@ -138,9 +132,7 @@ class NaiveServer:
                     await ws.send(snap[:-1] + b',"snapshot":true}', text=True)
 
     async def send_error(self, ws: ServerConnection, fid: Any, code: str, message: str) -> None:
-        await ws.send(
-            orjson.dumps({"type": "error", "id": fid, "code": code, "message": message}), text=True
-        )
+        await ws.send(orjson.dumps({"type": "error", "id": fid, "code": code, "message": message}), text=True)
 
     # --- fan-out -------------------------------------------------------------------------
     async def pump(self) -> None:
@@ -185,9 +177,7 @@ class NaiveServer:
             max_size=64 * 1024,
         ) as server:
             pump = asyncio.create_task(self.pump())
-            log.warning(
-                "naive server (%s) listening on %s:%d", self.mode, self.args.host, self.args.port
-            )
+            log.warning("naive server (%s) listening on %s:%d", self.mode, self.args.host, self.args.port)
             done, _ = await asyncio.wait(
                 [pump, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
             )
@@ -199,17 +189,11 @@ class NaiveServer:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)
-    p.add_argument(
-        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6380/0")
-    )
-    p.add_argument(
-        "--key", default=os.environ.get("BENCH_KEY", "benchkey"), help="accepted api_key"
-    )
+    p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.add_argument("--key", default=os.environ.get("BENCH_KEY", "benchkey"), help="accepted api_key")
     p.add_argument("--prefix", default="fx:", help="key/channel prefix")
     p.add_argument("--mode", choices=("naive", "broadcast"), default="naive")
     p.add_argument("--backlog", type=int, default=1024)

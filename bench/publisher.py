@@ -174,9 +174,7 @@ async def run(args: argparse.Namespace) -> Stats:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6380/0")
     p.add_argument("--symbols", default="EURUSD,GBPUSD,USDJPY")
     p.add_argument("--rate", type=float, default=100.0, help="messages per second in total")

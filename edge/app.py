@@ -27,7 +27,8 @@ class EdgeApp:
         server = self.server
         subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
         server.hub.subscriber = subscriber
-        self._tasks = [asyncio.create_task(subscriber.run()), asyncio.create_task(server.keepalive())]
+        jobs = (subscriber.run(), server.keepalive(), server.heartbeat())
+        self._tasks = [asyncio.create_task(job) for job in jobs]
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
             server.protocol_factory, self.settings.host, self.settings.port, backlog=4096

@@ -33,7 +33,7 @@ def key_from_request(path: str, headers: Headers) -> str | None:
 
 class Authenticator:
     def __init__(self, store: KeyStore | None, static_keys: list[str]) -> None:
-        self._store = store
+        self.store = store
         self._static = [
             (hash_key(key), KeyRecord(name=f"static-{i + 1}")) for i, key in enumerate(static_keys)
         ]
@@ -45,8 +45,8 @@ class Authenticator:
             # Compare every static key, in constant time, so timing reveals nothing.
             if hmac.compare_digest(static_hash, key_hash):
                 found = record
-        if found is None and self._store is not None:
-            found = await self._store.get(key_hash)
+        if found is None and self.store is not None:
+            found = await self.store.get(key_hash)
         return found
 
     async def authenticate(self, key: str) -> Identity | None:

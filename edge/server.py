@@ -49,6 +49,7 @@ class EdgeServer:
         self.settings = settings
         self.bus = bus
         self.auth = auth
+        self.edge_id = settings.resolved_edge_id()
         self.hub = Hub()
         self.flusher = Flusher(settings.write_delay)
         self.handshakes = KeyedLimiter(settings.handshake_rate, settings.handshake_burst)
@@ -77,6 +78,10 @@ class EdgeServer:
         self.bus_up = up
         metrics.BUS_UP.set(1 if up else 0)
         log.info("bus connected" if up else "bus disconnected")
+        if up:
+            # Pub/sub drops what is sent while we are away: recheck every key in use.
+            for key_hash in list(self.by_key):
+                self.spawn(self._reload_key(key_hash))
 
     def on_control(self, data: bytes) -> None:
         try:
@@ -109,6 +114,32 @@ class EdgeServer:
             conns.discard(conn)
             if not conns:
                 del self.by_key[conn.session.key_hash]
+
+    async def heartbeat(self) -> None:
+        """Tell the cluster this edge is alive, so the connection slots it holds count."""
+        store = self.auth.store
+        if store is None:
+            return
+        interval = self.settings.heartbeat_interval
+        while True:
+            try:
+                await store.heartbeat(self.edge_id, 3 * interval)
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc)})
+            await asyncio.sleep(interval)
+
+    async def acquire_slot(self, identity: Identity) -> bool:
+        limit = identity.record.max_connections
+        if limit <= 0 or self.auth.store is None:
+            return True
+        return await self.auth.store.acquire_slot(identity.key_hash, self.edge_id, limit)
+
+    async def release_slot(self, key_hash: str) -> None:
+        if self.auth.store is not None:
+            try:
+                await self.auth.store.release_slot(key_hash, self.edge_id)
+            except (RedisError, OSError) as exc:
+                log.warning("slot release failed", extra={"error": str(exc)})
 
     async def keepalive(self) -> None:
         """Ping every open client each interval; drop those silent for two intervals."""
@@ -158,6 +189,7 @@ class Connection(asyncio.Protocol):
         self._fragments: list[bytes] | None = None
         self._fragments_binary = False
         self._lost = False
+        self._slot = False  # holds one of its key's cluster-wide connection slots
 
     # asyncio.Protocol callbacks
 
@@ -198,6 +230,7 @@ class Connection(asyncio.Protocol):
         assert self._writer is not None
         self._writer.close()
         self.server.connections.discard(self)
+        self._give_back_slot()
         if self.upgraded:
             self.server.open_count -= 1
             metrics.CONNECTIONS.dec()
@@ -347,10 +380,19 @@ class Connection(asyncio.Protocol):
             if identity is None:
                 log.info("bad API key at handshake", extra={"ip": self.peer_ip})
                 return self._reject(401, "unauthorized", "invalid API key")
+            try:
+                admitted = await self._take_slot(identity)
+            except (RedisError, OSError):
+                return self._reject(503, "auth_unavailable", "key store unavailable, try again")
+            if self._lost:
+                return None
+            if not admitted:
+                return self._reject(429, "key_limit", "connection limit reached for this key")
         response = self.ws.accept(request)
         self.ws.send_response(response)
         if response.status_code != 101:
             metrics.HANDSHAKES_REJECTED.labels("bad_upgrade").inc()
+            self._give_back_slot()
             return None
         self._cancel_timer()
         self.upgraded = True
@@ -365,6 +407,22 @@ class Connection(asyncio.Protocol):
         else:
             self._timer = loop.call_later(s.auth_timeout, self._auth_timeout)
         return None
+
+    async def _take_slot(self, identity: Identity) -> bool:
+        """Count this connection against its key's cluster-wide limit; False when over it."""
+        if not await self.server.acquire_slot(identity):
+            log.info("key at its connection limit", extra={"key": identity.record.name})
+            return False
+        self.session.key_hash = identity.key_hash
+        self._slot = identity.record.max_connections > 0
+        if self._lost:  # the client left while we asked: connection_lost has run already
+            self._give_back_slot()
+        return True
+
+    def _give_back_slot(self) -> None:
+        if self._slot:
+            self._slot = False
+            self.server.spawn(self.server.release_slot(self.session.key_hash))
 
     def _authenticated(self, identity: Identity) -> None:
         self._cancel_timer()
@@ -473,6 +531,14 @@ class Connection(asyncio.Protocol):
                 self._send(proto.tm_error("Invalid user key"))
             self.close(CloseCode.UNAUTHORIZED, "invalid API key")
             return False
+        admitted = await self._take_slot(identity)
+        if self._lost:
+            return False
+        if not admitted:
+            if self.tradermade:
+                self._send(proto.tm_error("Connection limit reached for this key"))
+            self.close(CloseCode.CONNECTION_LIMIT, "connection limit reached for this key")
+            return False
         self._authenticated(identity)
         if not self.tradermade:
             self._send(proto.authenticated(id, identity.record.name))
@@ -519,7 +585,7 @@ class Connection(asyncio.Protocol):
             return
         added = [s for s in wanted if s not in unknown]
         # From here to attach() there is no await: nothing can slip between.
-        if not self.tradermade:
+        if not self.tradermade and (added or plan.already):
             self._send(proto.subscribed(id, added + plan.already))
         for symbol in added:
             for payload in self._catch_up(symbol, last.get(symbol), replays.get(symbol)):

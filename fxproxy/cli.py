@@ -82,16 +82,15 @@ async def _simfeed(settings: SimfeedSettings) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
-    from fxproxy.keys import create_key, print_keys, revoke_key
+    from fxproxy.keys import create_key, print_keys, revoke_key, update_key
     from shared.keystore import KeyExists, RedisKeyStore
 
     bus = _bus_for(settings)
     store = RedisKeyStore(bus.client, bus.names)
     try:
         if args.keys_command == "create":
-            symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
             try:
-                key = await create_key(store, args.name, symbols, args.max_connections)
+                key = await create_key(store, args.name, _csv(args.symbols), args.max_connections)
             except KeyExists:
                 print(f"fxproxy keys: a key named {args.name!r} exists already", file=sys.stderr)
                 return 1
@@ -104,9 +103,19 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
                 print(f"fxproxy keys: no key named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"revoked {args.name!r}; its connections are being closed (4003)")
+        elif args.keys_command == "update":
+            symbols = None if args.symbols is None else _csv(args.symbols)
+            if not await update_key(store, bus, args.name, symbols, args.max_connections):
+                print(f"fxproxy keys: no key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"updated {args.name!r}; edges apply it to live connections")
     finally:
         await bus.close()
     return 0
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     add_settings_flags(ingestor, IngestorSettings)
 
     simfeed = sub.add_parser("simfeed", help="run a simulated TraderMade-style vendor feed")
-    add_settings_flags(simfeed, SimfeedSettings, skip=frozenset(CommonSettings.model_fields) - {"log_level", "log_format"})
+    bus_only = frozenset(CommonSettings.model_fields) - {"log_level", "log_format"}
+    add_settings_flags(simfeed, SimfeedSettings, skip=bus_only)
 
     demo = sub.add_parser("demo", help="everything in one process, no Redis: watch ticks flow")
     demo.add_argument("--port", type=int, default=8080, help="edge port (default 8080)")
@@ -147,7 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("list", help="list keys (never the keys themselves)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key; its connections close with 4003")
     revoke.add_argument("name")
-    for action in (create, keys_sub.choices["list"], revoke):
+    update = keys_sub.add_parser("update", help="change a key's symbols or connection limit, live")
+    update.add_argument("name")
+    update.add_argument("--symbols", default=None, help="new allowed symbol globs")
+    update.add_argument("--max-connections", type=int, default=None, help="new limit (0 = none)")
+    for action in (create, keys_sub.choices["list"], revoke, update):
         action.add_argument("--redis-url", dest="redis_url", default=argparse.SUPPRESS,
                             help="Redis URL [FXPROXY_REDIS_URL]")
         action.add_argument("--prefix", default=argparse.SUPPRESS, help="key prefix [FXPROXY_PREFIX]")
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tail":
             from fxproxy.tail import tail
 
-            symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
+            symbols = _csv(args.symbols)
             return _run(_tail_main(tail(args.url, args.key, symbols, count=args.count,
                                         duration=args.duration, raw=args.raw)))
         if args.command == "demo":
@@ -168,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging("warning", "console")
             return _run(run_demo(args.port, args.key, args.duration, args.rate))
-        model: type[CommonSettings] = {
+        models: dict[str, type[CommonSettings]] = {
             "edge": EdgeSettings, "ingestor": IngestorSettings, "simfeed": SimfeedSettings,
             "keys": CommonSettings,
-        }[args.command]
+        }
+        model = models[args.command]
         settings = load_settings(model, args)
         setup_logging(settings.log_level, settings.log_format)
         if isinstance(settings, EdgeSettings):

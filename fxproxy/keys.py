@@ -24,10 +24,21 @@ def print_keys(records: list[KeyRecord], out: TextIO) -> None:
         print(f"{r.name:<24} {status:<9} {limit:>8}  {created:<20} {','.join(r.symbols)}", file=out)
 
 
-async def revoke_key(store: KeyStore, bus: Bus, name: str) -> bool:
-    """Disable a key and tell every edge, which closes its connections with 4003."""
-    key_hash = await store.revoke(name)
+async def _announce(bus: Bus, key_hash: str | None) -> bool:
+    """Tell every edge a key changed; they re-read it within a round trip."""
     if key_hash is None:
         return False
     await bus.publish_control(key_changed_event(key_hash))
     return True
+
+
+async def revoke_key(store: KeyStore, bus: Bus, name: str) -> bool:
+    """Disable a key; edges close its connections with 4003."""
+    return await _announce(bus, await store.revoke(name))
+
+
+async def update_key(store: KeyStore, bus: Bus, name: str, symbols: list[str] | None,
+                     max_connections: int | None) -> bool:
+    """Change a key; edges unsubscribe what it no longer allows."""
+    globs = tuple(symbols) if symbols is not None else None
+    return await _announce(bus, await store.update(name, globs, max_connections))

@@ -77,10 +77,26 @@ class KeyStore(Protocol):
         """Disable the key with this name; return its hash, or None if unknown."""
         ...
 
+    async def update(self, name: str, symbols: tuple[str, ...] | None,
+                     max_connections: int | None) -> str | None:
+        """Change a key's symbols or limit; return its hash, or None if unknown."""
+        ...
+
+    async def acquire_slot(self, key_hash: str, edge_id: str, limit: int) -> bool:
+        """Count one more connection for the key, unless `limit` (> 0) live ones exist."""
+        ...
+
+    async def release_slot(self, key_hash: str, edge_id: str) -> None: ...
+
+    async def heartbeat(self, edge_id: str, ttl: float) -> None:
+        """Mark this edge alive for `ttl` seconds; slots held by dead edges stop counting."""
+        ...
+
 
 class MemoryKeyStore:
     def __init__(self) -> None:
         self.records: dict[str, KeyRecord] = {}
+        self.slots: dict[str, int] = {}
 
     async def get(self, key_hash: str) -> KeyRecord | None:
         return self.records.get(key_hash)
@@ -100,11 +116,63 @@ class MemoryKeyStore:
                 return key_hash
         return None
 
+    async def update(self, name: str, symbols: tuple[str, ...] | None,
+                     max_connections: int | None) -> str | None:
+        for key_hash, record in self.records.items():
+            if record.name == name:
+                if symbols is not None:
+                    record.symbols = symbols
+                if max_connections is not None:
+                    record.max_connections = max_connections
+                return key_hash
+        return None
+
+    async def acquire_slot(self, key_hash: str, edge_id: str, limit: int) -> bool:
+        if limit > 0 and self.slots.get(key_hash, 0) >= limit:
+            return False
+        self.slots[key_hash] = self.slots.get(key_hash, 0) + 1
+        return True
+
+    async def release_slot(self, key_hash: str, edge_id: str) -> None:
+        self.slots[key_hash] = max(0, self.slots.get(key_hash, 0) - 1)
+
+    async def heartbeat(self, edge_id: str, ttl: float) -> None:
+        return None
+
+
+# Counts live connections of a key across edges: fields of dead edges (heartbeat expired)
+# are dropped as they are met, so a crashed edge's connections free themselves.
+_ACQUIRE = """
+local now = tonumber(ARGV[3])
+local limit = tonumber(ARGV[2])
+local total = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local alive = redis.call('ZSCORE', KEYS[2], fields[i])
+  if alive and tonumber(alive) >= now then
+    total = total + tonumber(fields[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+if limit > 0 and total >= limit then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+return 1
+"""
+
+_RELEASE = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return n
+"""
+
 
 class RedisKeyStore:
     def __init__(self, client: Redis, names: Names | None = None) -> None:
         self.client = client
         self.names = names or Names()
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
 
     async def get(self, key_hash: str) -> KeyRecord | None:
         raw = cast(dict[bytes, bytes], await self.client.hgetall(self.names.key_record(key_hash)))
@@ -130,3 +198,32 @@ class RedisKeyStore:
         key_hash = raw.decode()
         await self.client.hset(self.names.key_record(key_hash), "disabled", "1")
         return key_hash
+
+    async def update(self, name: str, symbols: tuple[str, ...] | None,
+                     max_connections: int | None) -> str | None:
+        raw = cast(bytes | None, await self.client.hget(self.names.key_names, name))
+        if raw is None:
+            return None
+        key_hash = raw.decode()
+        changes: dict[str, str] = {}
+        if symbols is not None:
+            changes["symbols"] = ",".join(symbols)
+        if max_connections is not None:
+            changes["max_connections"] = str(max_connections)
+        if changes:
+            await self.client.hset(self.names.key_record(key_hash), mapping=changes)  # type: ignore[arg-type]
+        return key_hash
+
+    async def acquire_slot(self, key_hash: str, edge_id: str, limit: int) -> bool:
+        keys = [self.names.connections(key_hash), self.names.edges]
+        return bool(await self._acquire(keys=keys, args=[edge_id, limit, time.time()]))
+
+    async def release_slot(self, key_hash: str, edge_id: str) -> None:
+        await self._release(keys=[self.names.connections(key_hash)], args=[edge_id])
+
+    async def heartbeat(self, edge_id: str, ttl: float) -> None:
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.names.edges, {edge_id: now + ttl})
+        pipe.zremrangebyscore(self.names.edges, "-inf", now - 3600)  # long-dead edges
+        await pipe.execute()

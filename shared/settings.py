@@ -72,6 +72,10 @@ class EdgeSettings(CommonSettings):
         5.0, gt=0, description="Seconds a client may stay slow (conflated) before 1013"
     )
     ping_interval: float = Field(20.0, gt=0, description="Seconds between keepalive pings")
+    heartbeat_interval: float = Field(
+        5.0, gt=0, description="Seconds between edge heartbeats; a key's slots on an edge silent "
+        "for three of them are freed"
+    )
     drain_timeout: float = Field(10.0, ge=0, description="Seconds to shed clients on SIGTERM")
     replay_limit: int = Field(1000, ge=0, description="Most ticks replayed for a `since` resume")
 

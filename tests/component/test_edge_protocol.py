@@ -1,0 +1,113 @@
+"""Client protocol against a live in-process edge: subscribe, snapshot, replay, dialects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from websockets.asyncio.client import connect
+
+from tests.component.conftest import STATIC_KEY, Edge
+from tests.support.client import live_ticks, open_native, recv_json, send_json
+
+
+async def test_subscribe_gets_reply_then_snapshot_then_live_ticks(edge: Edge) -> None:
+    async with await open_native(edge.port, STATIC_KEY) as ws:
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD"], "id": 1})
+        assert await recv_json(ws) == {"type": "subscribed", "id": 1, "symbols": ["EURUSD"]}
+        snap = await recv_json(ws)
+        assert snap["snapshot"] is True and snap["seq"] == 1
+        await edge.tick("EURUSD", 3)
+        assert [t["seq"] for t in await live_ticks(ws, 3)] == [2, 3, 4]
+
+
+async def test_unsubscribe_stops_ticks_and_ping_answers(edge: Edge) -> None:
+    async with await open_native(edge.port, STATIC_KEY) as ws:
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD", "GBPUSD"]})
+        await recv_json(ws)
+        await recv_json(ws)
+        await recv_json(ws)  # reply and two snapshots
+        await send_json(ws, {"op": "unsubscribe", "symbols": ["GBPUSD"], "id": 2})
+        assert await recv_json(ws) == {"type": "unsubscribed", "id": 2, "symbols": ["GBPUSD"]}
+        await edge.tick("GBPUSD")
+        await edge.tick("EURUSD")
+        assert (await recv_json(ws))["symbol"] == "EURUSD"
+        await send_json(ws, {"op": "ping", "id": 3})
+        assert await recv_json(ws) == {"type": "pong", "id": 3}
+
+
+async def test_since_replays_missed_ticks_instead_of_snapshot(edge: Edge) -> None:
+    await edge.tick("EURUSD", 5)  # seqs 2..6
+    async with await open_native(edge.port, STATIC_KEY) as ws:
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD"], "since": {"EURUSD": 3}})
+        assert (await recv_json(ws))["type"] == "subscribed"
+        replay = [await recv_json(ws) for _ in range(3)]
+        assert [t["seq"] for t in replay] == [4, 5, 6]
+        assert not any(t.get("snapshot") for t in replay)
+
+
+async def test_hub_subscribes_bus_once_per_symbol_and_releases_with_last_client(edge: Edge) -> None:
+    subscriber = edge.bus.subscribers[0]
+    async with await open_native(edge.port, STATIC_KEY) as a, await open_native(edge.port, STATIC_KEY) as b:
+        for ws in (a, b):
+            await send_json(ws, {"op": "subscribe", "symbols": ["USDJPY"]})
+            await recv_json(ws)
+        assert "USDJPY" in subscriber.symbols
+        await a.close()
+        await asyncio.sleep(0.1)
+        assert "USDJPY" in subscriber.symbols  # b still holds it
+    await asyncio.sleep(0.1)
+    assert "USDJPY" not in subscriber.symbols
+
+
+async def test_tradermade_client_gets_connected_then_ticks_in_its_shape(edge: Edge) -> None:
+    async with connect(f"ws://127.0.0.1:{edge.port}/feedadv") as ws:
+        assert await ws.recv() == "Connected"
+        await ws.send(orjson.dumps({"userKey": STATIC_KEY, "symbol": "EURUSD"}).decode())
+        first = orjson.loads(await ws.recv())  # last known price
+        await edge.tick("EURUSD")
+        live = orjson.loads(await ws.recv())
+    assert first["symbol"] == live["symbol"] == "EURUSD"
+    assert set(live) == {"symbol", "ts", "bid", "ask", "mid"} and isinstance(live["ts"], str)
+
+
+async def test_tradermade_relogin_replaces_the_symbol_set(edge: Edge) -> None:
+    async with connect(f"ws://127.0.0.1:{edge.port}/feedadv") as ws:
+        await ws.recv()
+        await ws.send(orjson.dumps({"userKey": STATIC_KEY, "symbol": "EURUSD"}).decode())
+        await ws.recv()
+        await ws.send(orjson.dumps({"userKey": STATIC_KEY, "symbol": "GBPUSD"}).decode())
+        assert orjson.loads(await ws.recv())["symbol"] == "GBPUSD"
+        await edge.tick("EURUSD")
+        await edge.tick("GBPUSD")
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 2))["symbol"] == "GBPUSD"
+
+
+async def test_health_ready_and_metrics_endpoints(edge: Edge) -> None:
+    import urllib.request
+
+    def get(path: str) -> tuple[int, bytes]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{edge.port}{path}", timeout=2) as resp:
+            return resp.status, resp.read()
+
+    assert await asyncio.to_thread(get, "/healthz") == (200, b"ok\n")
+    assert await asyncio.to_thread(get, "/readyz") == (200, b"ready\n")
+    status, body = await asyncio.to_thread(get, "/metrics")
+    assert status == 200 and b"fxproxy_edge_connections" in body
+
+
+async def test_drain_fails_readiness_and_closes_clients_with_1001(edge: Edge) -> None:
+    import urllib.error
+    import urllib.request
+
+    async with await open_native(edge.port, STATIC_KEY) as ws:
+        drain = asyncio.create_task(edge.app.server.drain(0.2))
+        await asyncio.sleep(0.05)
+        try:
+            await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{edge.port}/readyz")
+            raise AssertionError("readyz should fail while draining")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+        await asyncio.wait_for(ws.wait_closed(), 3)
+        await drain
+    assert ws.close_code == 1001

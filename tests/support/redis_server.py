@@ -1,0 +1,83 @@
+"""A real redis-server for the test session: own free port, no persistence, restartable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .ports import free_port
+
+__all__ = ["RedisServer", "find_redis_server"]
+
+
+def find_redis_server() -> str:
+    """Find redis-server; install Debian's package when root and it is missing."""
+    for candidate in (shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
+            subprocess.run(install, env=env, capture_output=True, timeout=600, check=True)
+        found = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if os.access(found, os.X_OK):
+            return found
+    raise RuntimeError("redis-server not found and could not be installed; install it "
+                       "(Debian: apt-get install redis-server) to run the integration tests")
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1; stop() and start() keep the same port."""
+
+    def __init__(self) -> None:
+        self.binary = find_redis_server()
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="fxproxy-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-500:]}")
+            if self._ping():
+                return
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not answer PING within 10 s")
+
+    def _ping(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.kill()  # a crash, not a shutdown: what the fault tests want
+        self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""Codec, TraderMade parsing, sequencing, backoff: the ingestor's pure parts."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import pytest
+
+from ingestor.backoff import Backoff
+from ingestor.sequencer import Sequencer
+from ingestor.tradermade import MalformedMessage, login_frame, parse_message
+from shared.tick import Quote, Tick, decode_tick, encode_tick, mark_snapshot, seq_of, to_tradermade
+
+TICK = Tick("EURUSD", 1.08512, 1.08519, 1.085155, 1732186000123, 1235)
+
+
+def test_encoded_tick_is_the_native_frame_and_round_trips() -> None:
+    payload = encode_tick(TICK)
+    assert orjson.loads(payload) == {"type": "tick", "symbol": "EURUSD", "bid": 1.08512, "ask": 1.08519,
+                                     "mid": 1.085155, "ts": 1732186000123, "seq": 1235}
+    assert decode_tick(payload) == TICK
+
+
+def test_seq_is_read_without_decoding_even_with_fields_after_it() -> None:
+    assert seq_of(encode_tick(TICK)) == 1235
+    assert seq_of(b'{"seq":77,"pt":123}') == 77
+    with pytest.raises(ValueError):
+        seq_of(b'{"x":1}')
+
+
+def test_snapshot_and_tradermade_forms() -> None:
+    payload = encode_tick(TICK)
+    assert orjson.loads(mark_snapshot(payload))["snapshot"] is True
+    assert orjson.loads(to_tradermade(payload)) == {
+        "symbol": "EURUSD", "ts": "1732186000123", "bid": 1.08512, "ask": 1.08519, "mid": 1.085155}
+
+
+def test_tradermade_tick_parses_with_string_or_int_ts() -> None:
+    q = parse_message('{"symbol":"EURUSD","ts":"1732186000123","bid":1.1,"ask":1.2,"mid":1.15}')
+    assert q == Quote("EURUSD", 1.1, 1.2, 1.15, 1732186000123)
+    q2 = parse_message('{"symbol":"GBPUSD","ts":5,"bid":"1.1","ask":1.3}')
+    assert q2 is not None and q2.mid == pytest.approx(1.2)
+
+
+def test_vendor_texts_are_notices_not_ticks() -> None:
+    assert parse_message("Connected") is None
+    assert parse_message("User Key Used to many times") is None
+
+
+@pytest.mark.parametrize("raw", [
+    "{broken", '{"symbol":"EURUSD","ts":"1","bid":1,"ask":"x"}',
+    '{"symbol":"eurusd","ts":"1","bid":1,"ask":2}',
+    '{"symbol":"EURUSD","ts":"x","bid":1,"ask":2}', '{"symbol":"EURUSD","ts":"1","bid":"NaN","ask":2}',
+    '{"symbol":"EURUSD","ts":"1","ask":2}', '{"symbol":"EURUSD","ts":"1","bid":true,"ask":2}',
+])
+def test_malformed_upstream_messages_raise(raw: str) -> None:
+    with pytest.raises(MalformedMessage):
+        parse_message(raw)
+
+
+def test_login_frame() -> None:
+    frame = orjson.loads(login_frame("k", ["EURUSD", "GBPUSD"]))
+    assert frame == {"userKey": "k", "symbol": "EURUSD,GBPUSD"}
+
+
+def test_sequencer_grows_by_one_per_symbol_and_continues_from_last() -> None:
+    last = {"EURUSD": encode_tick(TICK), "BAD": b"garbage"}
+    seq = Sequencer.from_last(last)
+    q = Quote("EURUSD", 1, 2, 1.5, 1)
+    assert [seq.number(q).seq for _ in range(3)] == [1236, 1237, 1238]
+    assert seq.number(Quote("GBPUSD", 1, 2, 1.5, 1)).seq == 1
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_max_and_resets() -> None:
+    b = Backoff(initial=1.0, maximum=8.0, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(6)]
+    for d, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert ceiling / 2 <= d <= ceiling
+    b.reset()
+    assert b.next_delay() <= 1.0
