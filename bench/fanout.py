@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,8 @@ class ServerSpec:
     env: Callable[[Ctx], dict[str, str]]
     available: Callable[[], str | None]
     """Returns None when runnable, else the reason to skip."""
+    metrics_prefix: str | None = None
+    """Prometheus metric-name prefix scraped from GET /metrics at the window's end."""
 
 
 def edge_argv(ctx: Ctx) -> list[str]:
@@ -243,7 +246,7 @@ def node_available() -> str | None:
 
 
 SERVERS: dict[str, ServerSpec] = {
-    "edge": ServerSpec("edge", edge_argv, edge_env, edge_available),
+    "edge": ServerSpec("edge", edge_argv, edge_env, edge_available, "fxproxy_edge_"),
     "naive": ServerSpec("naive", naive_argv("naive"), no_env, always),
     "broadcast": ServerSpec("broadcast", naive_argv("broadcast"), no_env, always),
     "node": ServerSpec("node", node_argv, no_env, node_available),
@@ -455,6 +458,8 @@ class RunResult:
     client: dict[str, Any] = field(default_factory=dict)
     publisher: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    server_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def read_events(stream: Any, on_event: Callable[[dict[str, Any]], None], other: list[str]) -> None:
@@ -467,6 +472,36 @@ def read_events(stream: Any, on_event: Callable[[dict[str, Any]], None], other: 
             except json.JSONDecodeError:
                 pass
         other.append(line)
+
+
+def scrape_metrics(port: int, prefix: str) -> dict[str, float]:
+    """The server's own Prometheus counters/gauges named ``prefix*`` (``_created`` left out)."""
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=3) as resp:
+            text = resp.read().decode(errors="replace")
+    except OSError as exc:
+        progress(f"could not scrape /metrics: {exc}")
+        return out
+    for line in text.splitlines():
+        if not line.startswith(prefix) or "_created" in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def seed_symbols(redis_url: str, symbols: list[str]) -> None:
+    """Store a snapshot per symbol in fx:last before the server starts (the edge only
+    accepts symbols it knows from there)."""
+    argv = [PYTHON, str(BENCH_DIR / "publisher.py"), "--redis-url", redis_url]
+    argv += ["--symbols", ",".join(symbols), "--seed-only"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"seeding fx:last failed: {proc.stderr.strip()[-500:]}")
 
 
 def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient: Path) -> RunResult:
@@ -501,6 +536,7 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
             )
         redis_ping(rport, 10)
         redis_url = f"redis://{HOST}:{rport}/0"
+        seed_symbols(redis_url, symbols)
 
         # 2. server
         port = free_port()
@@ -611,6 +647,8 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
         # 5. measured window
         wait_event("window_start", 15 + args.warmup + 15)
         wait_event("window_end", args.duration + 15)
+        if spec.metrics_prefix:
+            res.server_metrics = scrape_metrics(port, spec.metrics_prefix)
         try:
             out, _ = lc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
@@ -633,6 +671,9 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
             compute_metrics(res.client, samples, rss_before, args, parse_cpus(server_cpus), others)
         )
         res.metrics["server_alive_at_end"] = server_alive
+        res.warnings = run_warnings(res, args, lc_other)
+        for w in res.warnings:
+            progress(f"{tag}: warning: {w}")
         if lc_other and args.verbose:
             progress(f"{tag}: loadclient said: " + " | ".join(lc_other[-10:]))
         res.ok = True
@@ -642,6 +683,30 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
     finally:
         procs.stop_all()
     return res
+
+
+def run_warnings(res: RunResult, args: argparse.Namespace, lc_stderr: list[str]) -> list[str]:
+    """Things that make a row's numbers suspect."""
+    out: list[str] = []
+    c, m = res.client, res.metrics
+    if c.get("handshake_failures"):
+        out.append(f"{c['handshake_failures']} handshake failures")
+    if c.get("subscribe_errors"):
+        first = next((ln for ln in lc_stderr if "subscribe error" in ln), "")
+        out.append(f"{c['subscribe_errors']} subscribe errors {first[-200:]}")
+    if not c.get("received"):
+        out.append("no tick received in the measured window")
+    elif m.get("deliveries_per_s", 0) < 0.97 * m.get("offered_per_s", 0):
+        out.append("deliveries below the offered load: the server is saturated or dropping")
+    if not m.get("server_alive_at_end", True):
+        out.append("the server exited during the run")
+    pub_rate = res.publisher.get("rate")
+    if pub_rate is not None and pub_rate < 0.98 * args.rate:
+        out.append(f"publisher reached only {pub_rate} msg/s")
+    busy = m.get("loadgen_core_busy_pct")
+    if busy is not None and busy > 90:
+        out.append(f"load-generator core(s) {busy:.0f}% busy: the client side may be the limit")
+    return out
 
 
 def compute_metrics(
@@ -916,6 +981,8 @@ def main(argv: list[str] | None = None) -> int:
                     "metrics": r.metrics,
                     "client": r.client,
                     "publisher": r.publisher,
+                    "warnings": r.warnings,
+                    "server_metrics": r.server_metrics,
                 }
                 for r in results
             ],
@@ -942,9 +1009,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, v in rat.items():
                 print(f"  {base} / {name} = {v:.2f}")
         for r in results:
-            if r.ok and r.publisher and r.publisher.get("rate", 0) < 0.98 * args.rate:
-                got = r.publisher.get("rate")
-                print(f"warning: {r.server}#{r.run}: publisher reached only {got} msg/s")
+            if r.server_metrics:
+                shown = {
+                    k.removeprefix(SERVERS[r.server].metrics_prefix or ""): v
+                    for k, v in r.server_metrics.items()
+                    if (v and not k.endswith("_total")) or (k.endswith("_total") and v)
+                }
+                text = ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items()))
+                print(f"{r.server}#{r.run} server metrics (whole run): {text}")
+        for r in results:
+            for w in r.warnings:
+                print(f"warning: {r.server}#{r.run}: {w}")
     return 0 if results and all(r.ok for r in results) else 1
 
 

@@ -95,11 +95,15 @@ def make_states(symbols: list[str], prefix: str) -> list[SymbolState]:
     return states
 
 
-def next_payload(st: SymbolState, rnd: random.Random) -> bytes:
-    """Advance the symbol's random walk and return the encoded tick (with ``pt``)."""
+def next_payload(st: SymbolState, rnd: random.Random, *, advance: bool = True) -> bytes:
+    """Advance the symbol's random walk and return the encoded tick (with ``pt``).
+
+    With ``advance=False`` the current state (seq included) is encoded as is.
+    """
     pip = 10.0 ** -(st.digits - 1)
-    st.bid = max(pip, st.bid + rnd.choice((-1, 0, 1)) * 0.1 * pip)
-    st.seq += 1
+    if advance:
+        st.bid = max(pip, st.bid + rnd.choice((-1, 0, 1)) * 0.1 * pip)
+        st.seq += 1
     d = st.digits
     bid = round(st.bid, d)
     ask = round(bid + st.spread, d)
@@ -125,6 +129,13 @@ async def run(args: argparse.Namespace) -> Stats:
         loop.add_signal_handler(sig, stop.set)
     try:
         await client.ping()
+        if args.seed_only:
+            # seq 0 snapshots: servers that only accept symbols known in fx:last accept them,
+            # and the first live tick (seq 1) follows without a gap.
+            mapping = {st.symbol: next_payload(st, rnd, advance=False) for st in states}
+            await client.hset(f"{args.prefix}last", mapping=mapping)  # type: ignore[arg-type]
+            print(json.dumps({"seeded": len(mapping)}), flush=True)
+            return stats
         rate = float(args.rate)
         total = int(rate * args.duration)
         start = time.monotonic()
@@ -180,7 +191,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="messages per second in total")
     p.add_argument("--duration", type=float, default=10.0, help="seconds")
     p.add_argument("--prefix", default="fx:", help="key/channel prefix")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="random seed of the price walk")
+    p.add_argument(
+        "--seed-only",
+        action="store_true",
+        help="store a seq-0 tick per symbol in fx:last (snapshots) and exit",
+    )
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = p.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0:

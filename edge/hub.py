@@ -29,6 +29,7 @@ class Hub:
         self._native: dict[str, set[Writer]] = {}
         self._tm: dict[str, set[Writer]] = {}
         self._last: dict[str, tuple[int, bytes]] = {}
+        self._held: list[tuple[str, bytes]] | None = None  # live ticks held during recovery
 
     def symbols(self) -> set[str]:
         return set(self._refs)
@@ -75,8 +76,25 @@ class Hub:
                     if not writers:
                         del table[symbol]
 
+    def hold(self) -> dict[str, int]:
+        """Start recovering after a bus outage: hold live ticks; return the last seq per symbol."""
+        self._held = []
+        return {symbol: seq for symbol, (seq, _) in self._last.items()}
+
+    def release_held(self, missed: dict[str, list[bytes]]) -> None:
+        """Deliver the ticks missed during the outage, then the held live ones, in seq order."""
+        held, self._held = self._held or [], None
+        for symbol, payloads in missed.items():
+            for payload in payloads:
+                self.on_tick(symbol, payload)
+        for symbol, payload in held:
+            self.on_tick(symbol, payload)  # seq dedupe drops what the replay already sent
+
     def on_tick(self, symbol: str, payload: bytes) -> None:
         """Called by the bus reader for every tick: frame once, hand the same bytes to all."""
+        if self._held is not None:
+            self._held.append((symbol, payload))
+            return
         metrics.MESSAGES.inc()
         try:
             seq = seq_of(payload)

@@ -79,9 +79,23 @@ class EdgeServer:
         metrics.BUS_UP.set(1 if up else 0)
         log.info("bus connected" if up else "bus disconnected")
         if up:
-            # Pub/sub drops what is sent while we are away: recheck every key in use.
+            # Pub/sub drops what is sent while we are away: replay missed ticks from
+            # history, and recheck every key in use in case it was revoked meanwhile.
+            self.spawn(self._recover(self.hub.hold()))
             for key_hash in list(self.by_key):
                 self.spawn(self._reload_key(key_hash))
+
+    async def _recover(self, last_seqs: dict[str, int]) -> None:
+        missed: dict[str, list[bytes]] = {}
+        try:
+            for symbol, seq in last_seqs.items():
+                missed[symbol] = await self.bus.history(symbol, seq, self.settings.replay_limit)
+        except (RedisError, OSError) as exc:
+            log.warning("could not replay ticks missed during the outage", extra={"error": str(exc)})
+        finally:
+            self.hub.release_held(missed)
+        if any(missed.values()):
+            log.info("replayed missed ticks", extra={"ticks": sum(map(len, missed.values()))})
 
     def on_control(self, data: bytes) -> None:
         try:

@@ -11,7 +11,11 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.bus import ControlHandler, Message, StateHandler, TickHandler
 from shared.names import Names
@@ -20,9 +24,13 @@ log = logging.getLogger("fxproxy.bus")
 
 
 def connect_redis(url: str) -> Redis:
-    # health_check_interval makes a silently dead connection show itself instead of hanging.
+    # health_check_interval makes a silently dead connection show itself instead of hanging;
+    # the retry covers pooled connections that died with a Redis restart (publishes retried
+    # this way are harmless: edges drop ticks whose seq they have already forwarded).
     return Redis.from_url(
-        url, health_check_interval=10, socket_keepalive=True, socket_connect_timeout=5
+        url, health_check_interval=10, socket_keepalive=True, socket_connect_timeout=5,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 
 

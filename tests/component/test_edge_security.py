@@ -267,7 +267,10 @@ async def test_tradermade_flood_is_closed_1008(start_edge: StartEdge) -> None:
 
 async def test_abuser_does_not_disturb_other_clients(start_edge: StartEdge) -> None:
     edge = await start_edge(max_strikes=1000, op_rate=1000, op_burst=1000)
-    async with await open_native(edge.port, STATIC_KEY) as good, await open_native(edge.port, STATIC_KEY) as bad:
+    good = await open_native(edge.port, STATIC_KEY)
+    # The abuser never reads its error replies; an unbounded queue keeps its close prompt.
+    bad = await open_native(edge.port, STATIC_KEY, max_queue=None)
+    async with good, bad:
         await send_json(good, {"op": "subscribe", "symbols": ["EURUSD"]})
         await until(good, lambda m: m.get("snapshot"))
         for i in range(200):

@@ -1,0 +1,124 @@
+"""API keys across a cluster of edge processes on one real Redis, driven through the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import Cluster
+from tests.support.client import open_native, recv_json, send_json
+
+pytestmark = pytest.mark.integration
+
+
+def keys_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fxproxy", "keys", *args, "--redis-url", redis_url],
+                          capture_output=True, text=True, timeout=30)
+
+
+def create_key(redis_url: str, name: str, *extra: str) -> str:
+    out = keys_cli(redis_url, "create", "--name", name, *extra)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    assert key.startswith("fxp_") and len(key) >= 4 + 32  # 192 random bits, url-safe base64
+    return key
+
+
+async def test_keys_are_stored_only_hashed_and_never_logged(cluster: Cluster) -> None:
+    key = create_key(cluster.redis_url, "alice", "--symbols", "EUR*")
+    proc, port = cluster.edge()
+    async with await open_native(port, key) as ws:
+        await send_json(ws, {"op": "ping", "id": 1})
+        assert (await recv_json(ws))["type"] == "pong"
+    with pytest.raises(InvalidStatus):
+        await open_native(port, key + "x")
+    client = redis.Redis.from_url(cluster.redis_url)
+    dump = b"".join(k + repr(client.dump(k)).encode() for k in client.keys("*"))
+    client.close()
+    assert key.encode() not in dump
+    listing = keys_cli(cluster.redis_url, "list")
+    assert "alice" in listing.stdout and "EUR*" in listing.stdout and key not in listing.stdout
+    proc.terminate()
+    assert key not in proc.log
+
+
+async def test_duplicate_key_name_is_refused(cluster: Cluster) -> None:
+    create_key(cluster.redis_url, "bob")
+    out = keys_cli(cluster.redis_url, "create", "--name", "bob")
+    assert out.returncode == 1 and "exists already" in out.stderr
+
+
+async def test_revoked_key_closes_live_connections_on_every_edge_within_1s(cluster: Cluster) -> None:
+    key = create_key(cluster.redis_url, "carol")
+    _, port1 = cluster.edge()
+    _, port2 = cluster.edge()
+    conns = [await open_native(p, key) for p in (port1, port2, port2)]
+    for ws in conns:
+        await send_json(ws, {"op": "ping"})
+        await recv_json(ws)
+    started = time.monotonic()
+    assert keys_cli(cluster.redis_url, "revoke", "carol").returncode == 0
+    revoked_at = time.monotonic()
+
+    async def closed_code(ws: object) -> int | None:
+        with contextlib.suppress(ConnectionClosed):
+            await asyncio.wait_for(ws.wait_closed(), 3)  # type: ignore[attr-defined]
+        return ws.close_code  # type: ignore[attr-defined, no-any-return]
+
+    codes = await asyncio.gather(*(closed_code(ws) for ws in conns))
+    assert codes == [4003, 4003, 4003]
+    assert time.monotonic() - revoked_at < 1.0, f"took {time.monotonic() - started:.2f}s incl. CLI"
+    with pytest.raises(InvalidStatus) as info:
+        await open_native(port1, key)
+    assert info.value.response.status_code == 401
+
+
+async def test_narrowing_a_key_unsubscribes_disallowed_symbols_live(cluster: Cluster) -> None:
+    cluster.simfeed()
+    cluster.ingestor()
+    key = create_key(cluster.redis_url, "dave")
+    _, port = cluster.edge()
+    await asyncio.sleep(1)
+    async with await open_native(port, key) as ws:
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD", "GBPUSD"]})
+        assert (await recv_json(ws))["type"] == "subscribed"
+        assert keys_cli(cluster.redis_url, "update", "dave", "--symbols", "EUR*").returncode == 0
+        async with asyncio.timeout(3):
+            while (msg := await recv_json(ws))["type"] != "unsubscribed":
+                pass
+        assert msg["symbols"] == ["GBPUSD"]
+        after = [await recv_json(ws) for _ in range(20)]
+        assert {m["symbol"] for m in after} == {"EURUSD"}
+
+
+async def test_connection_limit_counts_across_edges_and_frees_when_an_edge_dies(cluster: Cluster) -> None:
+    key = create_key(cluster.redis_url, "erin", "--max-connections", "2")
+    _, port1 = cluster.edge(FXPROXY_HEARTBEAT_INTERVAL="0.3")
+    proc2, port2 = cluster.edge(FXPROXY_HEARTBEAT_INTERVAL="0.3")
+    a = await open_native(port1, key)
+    b = await open_native(port2, key)
+    with pytest.raises(InvalidStatus) as info:
+        await open_native(port1, key)
+    assert info.value.response.status_code == 429
+    await a.close()
+    await asyncio.sleep(0.2)
+    c = await open_native(port1, key)  # a's slot was released on close
+    proc2.kill()  # b's edge dies without releasing anything
+    await b.close()
+    deadline = time.monotonic() + 5
+    while True:  # its slot stops counting once its heartbeat is 3 intervals old
+        try:
+            d = await open_native(port1, key)
+            break
+        except InvalidStatus:
+            assert time.monotonic() < deadline, "dead edge's slot never freed"
+            await asyncio.sleep(0.2)
+    await c.close()
+    await d.close()
