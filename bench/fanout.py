@@ -751,6 +751,9 @@ def compute_metrics(
         m[f"lat_{k}_ms"] = round(lat.get(k, 0) / 1000.0, 3)
     m["disconnects"] = client.get("disconnects", 0)
     m["seq_gaps"] = client.get("seq_gaps", 0)
+    drain = client.get("slow_drain") or {}
+    m["slow_closed"] = drain.get("closed", 0) + client.get("slow_disconnects", 0)
+    m["slow_close_codes"] = drain.get("close_codes", {})
     return m
 
 
@@ -778,15 +781,24 @@ COLUMNS: list[tuple[str, str, str]] = [
 def fmt(value: Any, spec: str) -> str:
     if value is None:
         return "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items()) or "-"
     try:
         return spec.format(value)
     except (ValueError, TypeError):
         return str(value)
 
 
-def print_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> None:
-    headers = ["server", *(c[0] for c in COLUMNS)]
-    body = [[name, *(fmt(m.get(key), f) for _, key, f in COLUMNS)] for name, m in rows]
+SLOW_COLUMNS: list[tuple[str, str, str]] = [
+    ("slow closed", "slow_closed", "{:d}"),
+    ("slow codes", "slow_close_codes", "{}"),
+]
+
+
+def print_table(rows: list[tuple[str, dict[str, Any]]], title: str, slow: bool = False) -> None:
+    cols = COLUMNS + SLOW_COLUMNS if slow else COLUMNS
+    headers = ["server", *(c[0] for c in cols)]
+    body = [[name, *(fmt(m.get(key), f) for _, key, f in cols)] for name, m in rows]
     widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
     print(title)
     print(
@@ -996,9 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"fan-out: {describe(args)}")
         print()
-        print_table([(f"{r.server}#{r.run}", r.metrics) for r in results if r.ok], "runs:")
+        slow = args.slow_fraction > 0
+        rows = [(f"{r.server}#{r.run}", r.metrics) for r in results if r.ok]
+        print_table(rows, "runs:", slow)
         if args.repeat > 1 and summary:
-            print_table(list(summary.items()), "median per server:")
+            print_table(list(summary.items()), "median per server:", slow)
         for r in results:
             if not r.ok:
                 print(f"{r.server}#{r.run}: FAILED: {r.error}")
@@ -1013,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
                 shown = {
                     k.removeprefix(SERVERS[r.server].metrics_prefix or ""): v
                     for k, v in r.server_metrics.items()
-                    if (v and not k.endswith("_total")) or (k.endswith("_total") and v)
+                    if v
                 }
                 text = ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items()))
                 print(f"{r.server}#{r.run} server metrics (whole run): {text}")

@@ -107,6 +107,7 @@ static long opt_max_pending = 256;
 static double opt_connect_timeout = 60.0;
 static int opt_slow_rcvbuf = 4096;
 static double opt_start_timeout = 15.0;
+static double opt_drain_slow = 3.0;
 
 /* ---------- symbols ---------- */
 static char **symbols;
@@ -191,9 +192,15 @@ static long n_disconnects, n_slow_disconnects;
 static uint64_t n_received; /* ticks in window (normal clients) */
 static uint64_t n_frames_total, n_ticks_total, n_snapshots, n_other_text, n_pings;
 static uint64_t n_seq_gaps, n_seq_missing, n_seq_back, n_subscribe_errors;
-static int close_codes[MAX_CLOSE_CODES];
-static uint64_t close_counts[MAX_CLOSE_CODES];
-static int n_close_codes;
+struct code_table {
+    int code[MAX_CLOSE_CODES];
+    uint64_t count[MAX_CLOSE_CODES];
+    int n;
+};
+static struct code_table close_tab;      /* normal clients, until the window ends */
+static struct code_table slow_close_tab; /* slow clients, seen while draining them at the end */
+static long n_slow_drain_closed;
+static int draining;
 static int measuring;
 static volatile sig_atomic_t stop_requested;
 
@@ -227,18 +234,24 @@ static void die(const char *fmt, ...) {
     exit(2);
 }
 
-static void count_close(int code) {
-    for (int i = 0; i < n_close_codes; i++) {
-        if (close_codes[i] == code) {
-            close_counts[i]++;
+static void count_close(struct code_table *t, int code) {
+    for (int i = 0; i < t->n; i++) {
+        if (t->code[i] == code) {
+            t->count[i]++;
             return;
         }
     }
-    if (n_close_codes < MAX_CLOSE_CODES) {
-        close_codes[n_close_codes] = code;
-        close_counts[n_close_codes] = 1;
-        n_close_codes++;
+    if (t->n < MAX_CLOSE_CODES) {
+        t->code[t->n] = code;
+        t->count[t->n] = 1;
+        t->n++;
     }
+}
+
+static void print_codes(const struct code_table *t) {
+    printf("{");
+    for (int i = 0; i < t->n; i++) printf("%s\"%d\":%" PRIu64, i ? "," : "", t->code[i], t->count[i]);
+    printf("}");
 }
 
 static void mark_ready(struct conn *c) {
@@ -270,12 +283,15 @@ static void handshake_failed(struct conn *c) {
     conn_close(c);
 }
 
+/* code: close code from a close frame, 1006 = EOF/reset without one, 0 = unknown (slow client) */
 static void disconnected(struct conn *c, int code) {
-    n_disconnects++;
-    if (c->slow) {
-        n_slow_disconnects++;
-    } else if (code > 0) {
-        count_close(code);
+    if (draining) {
+        n_slow_drain_closed++;
+        count_close(&slow_close_tab, code > 0 ? code : 1006);
+    } else {
+        n_disconnects++;
+        if (c->slow) n_slow_disconnects++;
+        else if (code > 0) count_close(&close_tab, code);
     }
     conn_close(c);
 }
@@ -674,7 +690,9 @@ static void usage(void) {
             "                  [--slow-fraction F] [--connect-rate R] [--max-pending M]\n"
             "                  [--connect-timeout SECONDS] [--slow-rcvbuf BYTES] [--start-timeout SECONDS]\n"
             "The warmup starts when all clients are ready AND the first live tick has arrived\n"
-            "(or --start-timeout seconds after ready, whichever comes first).\n");
+            "(or --start-timeout seconds after ready, whichever comes first).\n"
+            "After the window, slow clients read what is queued for them for up to --drain-slow\n"
+            "seconds (default 3) to see whether the server closed them (slow_close_codes).\n");
     exit(2);
 }
 
@@ -697,6 +715,7 @@ static void parse_args(int argc, char **argv) {
         else if (strcmp(a, "--connect-timeout") == 0) opt_connect_timeout = atof(v);
         else if (strcmp(a, "--slow-rcvbuf") == 0) opt_slow_rcvbuf = atoi(v);
         else if (strcmp(a, "--start-timeout") == 0) opt_start_timeout = atof(v);
+        else if (strcmp(a, "--drain-slow") == 0) opt_drain_slow = atof(v);
         else {
             fprintf(stderr, "loadclient: unknown option %s\n", a);
             usage();
@@ -869,15 +888,49 @@ int main(int argc, char **argv) {
     for (long i = 0; i < n_started; i++)
         if (conns[i].state == C_OPEN || conns[i].state == C_SLOW_PARKED) open_at_end++;
 
+    /* Slow clients never read, so a close from the server is stuck behind the data queued
+     * for them: read it all now and see how each one ended. Normal clients are left alone. */
+    long slow_open = 0;
+    double drain_s = 0;
+    if (!stop_requested && opt_drain_slow > 0) {
+        for (long i = 0; i < n_started; i++) {
+            struct conn *c = &conns[i];
+            if (c->state == C_OPEN) {
+                epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+            } else if (c->state == C_SLOW_PARKED) {
+                c->state = C_OPEN;
+                c->rcap = INIT_RBUF;
+                c->rbuf = malloc(c->rcap);
+                c->rlen = 0;
+                set_events(c, EPOLLIN | EPOLLRDHUP | (c->want_out ? EPOLLOUT : 0));
+                slow_open++;
+            }
+        }
+        draining = 1;
+        double t_drain = mono_now();
+        while (slow_open > n_slow_drain_closed && !stop_requested && mono_now() - t_drain < opt_drain_slow) {
+            int n = epoll_wait(epfd, events, MAX_EVENTS, 50);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                break;
+            }
+            for (int i = 0; i < n; i++) on_event(&conns[events[i].data.u64], events[i].events);
+        }
+        drain_s = mono_now() - t_drain;
+        draining = 0;
+    }
+
     printf("{\"clients\":%ld,\"connected\":%ld,\"slow\":%ld,\"received\":%" PRIu64 ",\"duration_s\":%.6f,"
            "\"rate\":%.3f,\"lat_us\":{\"p50\":%" PRIu64 ",\"p90\":%" PRIu64 ",\"p99\":%" PRIu64
            ",\"p999\":%" PRIu64 ",\"max\":%" PRIu64 ",\"mean\":%.1f},\"disconnects\":%ld,"
-           "\"slow_disconnects\":%ld,\"close_codes\":{",
+           "\"slow_disconnects\":%ld,\"close_codes\":",
            opt_clients, n_connected, n_slow, n_received, measured, measured > 0 ? (double)n_received / measured : 0.0,
            hist_percentile(50), hist_percentile(90), hist_percentile(99), hist_percentile(99.9), hist_max,
            hist_count ? (double)hist_sum / (double)hist_count : 0.0, n_disconnects, n_slow_disconnects);
-    for (int i = 0; i < n_close_codes; i++)
-        printf("%s\"%d\":%" PRIu64, i ? "," : "", close_codes[i], close_counts[i]);
+    print_codes(&close_tab);
+    printf(",\"slow_drain\":{\"seconds\":%.3f,\"slow_open\":%ld,\"closed\":%ld,\"close_codes\":", drain_s,
+           slow_open, n_slow_drain_closed);
+    print_codes(&slow_close_tab);
     printf("},\"handshake_failures\":%ld,\"seq_gaps\":%" PRIu64 ",\"seq_missing\":%" PRIu64
            ",\"seq_backwards\":%" PRIu64 ",\"ticks_total\":%" PRIu64 ",\"snapshots\":%" PRIu64
            ",\"frames_total\":%" PRIu64 ",\"pings\":%" PRIu64 ",\"subscribe_errors\":%" PRIu64

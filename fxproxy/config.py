@@ -16,7 +16,7 @@ class ConfigError(Exception):
     pass
 
 
-def _default(field: Any) -> str:
+def describe_default(field: Any) -> str:
     if field.default_factory is not None:
         value = field.default_factory()
     elif field.default is PydanticUndefined:
@@ -39,7 +39,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseSettings
         group.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
             metavar=name.split("_")[-1].upper(),
-            help=f"{field.description} [FXPROXY_{name.upper()}; default: {_default(field)}]",
+            help=f"{field.description} [FXPROXY_{name.upper()}; default: {describe_default(field)}]",
         )
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="env-style file of FXPROXY_* settings, read before the environment")
