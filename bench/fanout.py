@@ -596,6 +596,7 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
             "--connect-rate", str(args.connect_rate),
             "--connect-timeout", str(connect_timeout),
             "--start-timeout", "15",
+            "--linger", "1",
         ]  # fmt: skip
         lc = procs.start("loadclient", lc_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         pids["loadclient"] = lc.pid

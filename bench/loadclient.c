@@ -108,6 +108,7 @@ static double opt_connect_timeout = 60.0;
 static int opt_slow_rcvbuf = 4096;
 static double opt_start_timeout = 15.0;
 static double opt_drain_slow = 3.0;
+static double opt_linger = 0.0;
 
 /* ---------- symbols ---------- */
 static char **symbols;
@@ -692,7 +693,9 @@ static void usage(void) {
             "The warmup starts when all clients are ready AND the first live tick has arrived\n"
             "(or --start-timeout seconds after ready, whichever comes first).\n"
             "After the window, slow clients read what is queued for them for up to --drain-slow\n"
-            "seconds (default 3) to see whether the server closed them (slow_close_codes).\n");
+            "seconds (default 3) to see whether the server closed them (slow_close_codes).\n"
+            "--linger SECONDS keeps the connections open (not read) after the window, so that\n"
+            "the server can be inspected with all clients still connected.\n");
     exit(2);
 }
 
@@ -716,6 +719,7 @@ static void parse_args(int argc, char **argv) {
         else if (strcmp(a, "--slow-rcvbuf") == 0) opt_slow_rcvbuf = atoi(v);
         else if (strcmp(a, "--start-timeout") == 0) opt_start_timeout = atof(v);
         else if (strcmp(a, "--drain-slow") == 0) opt_drain_slow = atof(v);
+        else if (strcmp(a, "--linger") == 0) opt_linger = atof(v);
         else {
             fprintf(stderr, "loadclient: unknown option %s\n", a);
             usage();
@@ -892,6 +896,7 @@ int main(int argc, char **argv) {
      * for them: read it all now and see how each one ended. Normal clients are left alone. */
     long slow_open = 0;
     double drain_s = 0;
+    double t_linger = mono_now();
     if (!stop_requested && opt_drain_slow > 0) {
         for (long i = 0; i < n_started; i++) {
             struct conn *c = &conns[i];
@@ -918,6 +923,10 @@ int main(int argc, char **argv) {
         }
         drain_s = mono_now() - t_drain;
         draining = 0;
+    }
+    while (!stop_requested && mono_now() - t_linger < opt_linger) {
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
     }
 
     printf("{\"clients\":%ld,\"connected\":%ld,\"slow\":%ld,\"received\":%" PRIu64 ",\"duration_s\":%.6f,"
