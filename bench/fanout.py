@@ -298,14 +298,14 @@ def redis_ping(port: int, timeout: float) -> None:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds."""
+def cpu_seconds(pid: int, kernel_only: bool = False) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; stime alone if kernel_only."""
     try:
         data = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     rest = data.rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return (int(rest[12]) + (0 if kernel_only else int(rest[11]))) / CLK_TCK
 
 
 def rss_kb(pid: int) -> int | None:
@@ -442,6 +442,7 @@ def tail(path: Path, lines: int = 15) -> str:
 class Sample:
     t: float
     server_cpu: float | None
+    server_sys: float | None
     server_rss: int | None
     client_cpu: float | None
     redis_cpu: float | None
@@ -566,6 +567,7 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
             samples[name] = Sample(
                 t=time.monotonic(),
                 server_cpu=cpu_seconds(server.pid),
+                server_sys=cpu_seconds(server.pid, kernel_only=True),
                 server_rss=rss_kb(server.pid),
                 client_cpu=cpu_seconds(pids["loadclient"]) if "loadclient" in pids else None,
                 redis_cpu=cpu_seconds(redis_proc.pid),
@@ -731,6 +733,8 @@ def compute_metrics(
         m["server_cpu_s"] = round(cpu, 3)
         m["server_cpu_pct"] = round(100 * cpu / wall, 1) if wall > 0 else None
         m["cpu_us_per_delivery"] = round(cpu * 1e6 / received, 3) if received else None
+        if start.server_sys is not None and end.server_sys is not None and received:
+            m["sys_us_per_delivery"] = round((end.server_sys - start.server_sys) * 1e6 / received, 3)
         if start.client_cpu is not None and end.client_cpu is not None and wall > 0:
             m["client_cpu_pct"] = round(100 * (end.client_cpu - start.client_cpu) / wall, 1)
         if start.redis_cpu is not None and end.redis_cpu is not None and wall > 0:
@@ -767,6 +771,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("deliv/s", "deliveries_per_s", "{:,.0f}"),
     ("offered/s", "offered_per_s", "{:,.0f}"),
     ("CPU µs/deliv", "cpu_us_per_delivery", "{:.2f}"),
+    ("of it kernel", "sys_us_per_delivery", "{:.2f}"),
     ("srv CPU%", "server_cpu_pct", "{:.0f}"),
     ("p50 ms", "lat_p50_ms", "{:.2f}"),
     ("p99 ms", "lat_p99_ms", "{:.2f}"),

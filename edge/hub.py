@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterable
 
@@ -47,7 +48,9 @@ class Hub:
         if new:
             metrics.SUBSCRIBED_SYMBOLS.set(len(self._refs))
             if self.subscriber is not None:
-                await self.subscriber.subscribe(new)
+                # Shielded: the counts above are already updated, so the bus must follow
+                # even if the client that asked is gone and its task cancelled.
+                await asyncio.shield(self.subscriber.subscribe(new))
 
     async def release(self, symbols: Iterable[str]) -> None:
         gone = []
@@ -60,7 +63,7 @@ class Hub:
         if gone:
             metrics.SUBSCRIBED_SYMBOLS.set(len(self._refs))
             if self.subscriber is not None:
-                await self.subscriber.unsubscribe(gone)
+                await asyncio.shield(self.subscriber.unsubscribe(gone))
 
     def attach(self, writer: Writer, symbols: Iterable[str], tradermade: bool = False) -> None:
         table = self._tm if tradermade else self._native

@@ -326,13 +326,8 @@ class Connection(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         log.info("closing slow client", extra={"key": self.session.key_name, "ip": self.peer_ip})
+        # It will not read our close frame either: close() hangs up after CLOSE_TIMEOUT.
         self.close(CloseCode.TRY_AGAIN, "too slow: reconnect")
-        self.server.spawn(self._abort_later())
-
-    async def _abort_later(self) -> None:
-        # A client that stopped reading never reads our close frame either.
-        await asyncio.sleep(CLOSE_TIMEOUT)
-        self.abort()
 
     # HTTP
 
@@ -581,32 +576,33 @@ class Connection(asyncio.Protocol):
             return
         hub = self.server.hub
         wanted = plan.allowed
-        # Hold the symbols while we read, so the snapshot and the live stream meet.
+        attached: list[str] = []
+        # Hold the symbols while we read, so the snapshot and the live stream meet; whatever
+        # is not attached in the end (unknown, or the client left) is given back.
         await hub.acquire(wanted)
         try:
             last = await self.server.bus.last(wanted)
             replays = {s: await self.server.bus.history(s, since[s], self.server.settings.replay_limit)
                        for s in wanted if s in since}
-        except BaseException:
-            await hub.release(wanted)
-            raise
-        unknown = [s for s in wanted if s not in last and hub.last(s) is None]
-        if unknown:
-            await hub.release(unknown)
-            self._symbol_error(ErrorCode.UNKNOWN_SYMBOL, "no such symbol on this feed", unknown, id)
-        if self._lost:
-            await hub.release([s for s in wanted if s not in unknown])
-            return
-        added = [s for s in wanted if s not in unknown]
-        # From here to attach() there is no await: nothing can slip between.
-        if not self.tradermade and (added or plan.already):
-            self._send(proto.subscribed(id, added + plan.already))
-        for symbol in added:
-            for payload in self._catch_up(symbol, last.get(symbol), replays.get(symbol)):
-                self._send(to_tradermade(payload) if self.tradermade else payload)
-        assert self._writer is not None
-        self.session.symbols.update(added)
-        hub.attach(self._writer, added, self.tradermade)
+            if self._lost:
+                return
+            unknown = [s for s in wanted if s not in last and hub.last(s) is None]
+            if unknown:
+                self._symbol_error(ErrorCode.UNKNOWN_SYMBOL, "no such symbol on this feed", unknown, id)
+            attached = [s for s in wanted if s not in unknown]
+            # No await from the reads above to attach(): no tick can slip in between.
+            if not self.tradermade and (attached or plan.already):
+                self._send(proto.subscribed(id, attached + plan.already))
+            for symbol in attached:
+                for payload in self._catch_up(symbol, last.get(symbol), replays.get(symbol)):
+                    self._send(to_tradermade(payload) if self.tradermade else payload)
+            assert self._writer is not None
+            self.session.symbols.update(attached)
+            hub.attach(self._writer, attached, self.tradermade)
+        finally:
+            unused = [s for s in wanted if s not in attached]
+            if unused:
+                await hub.release(unused)
 
     def _catch_up(self, symbol: str, stored: bytes | None, replay: list[bytes] | None) -> list[bytes]:
         """Frames a new subscriber gets before live ticks: a replay after `since`, or a snapshot."""

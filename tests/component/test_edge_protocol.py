@@ -7,6 +7,8 @@ import asyncio
 import orjson
 from websockets.asyncio.client import connect
 
+from shared.bus import Message
+from shared.tick import Tick, encode_tick
 from tests.component.conftest import STATIC_KEY, Edge
 from tests.support.client import live_ticks, open_native, recv_json, send_json
 
@@ -111,3 +113,37 @@ async def test_drain_fails_readiness_and_closes_clients_with_1001(edge: Edge) ->
         await asyncio.wait_for(ws.wait_closed(), 3)
         await drain
     assert ws.close_code == 1001
+
+
+
+async def test_client_leaving_mid_subscribe_leaves_no_bus_subscription_behind() -> None:
+    from collections.abc import Collection
+
+    from edge.app import EdgeApp
+    from shared.memory_bus import MemoryBus, MemorySubscriber
+    from shared.settings import EdgeSettings
+
+    class SlowSubscriber(MemorySubscriber):
+        async def unsubscribe(self, symbols: Collection[str]) -> None:
+            await asyncio.sleep(0.2)  # Redis is slow to answer while the client hangs up
+            await super().unsubscribe(symbols)
+
+    class SlowBus(MemoryBus):
+        def subscriber(self, on_tick, on_control, on_state):  # type: ignore[no-untyped-def]
+            return SlowSubscriber(self, on_tick, on_control, on_state)
+
+    bus = SlowBus()
+    await bus.publish([Message("EURUSD", 1, encode_tick(Tick("EURUSD", 1.1, 1.2, 1.15, 1, 1)))])
+    app = EdgeApp(EdgeSettings(host="127.0.0.1", port=0, api_keys=[STATIC_KEY]), bus, None)
+    port = await app.start()
+    try:
+        ws = await open_native(port, STATIC_KEY)
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD", "NOSUCH"]})
+        await asyncio.sleep(0.05)  # now inside the release of NOSUCH
+        await ws.close()
+        await asyncio.sleep(0.6)
+        assert app.server.hub.symbols() == set()
+        assert bus.subscribers[0].symbols == set()
+    finally:
+        await app.stop(drain_timeout=0)
+        await bus.close()
