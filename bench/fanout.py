@@ -168,22 +168,14 @@ def edge_available() -> str | None:
     return f"neither fxproxy.__main__ nor fxproxy.cli is importable by {PYTHON}"
 
 
+def server_args(ctx: Ctx) -> list[str]:
+    """Flags every baseline server takes."""
+    return ["--host", HOST, "--port", str(ctx.port), "--redis-url", ctx.redis_url, "--key", API_KEY]
+
+
 def naive_argv(mode: str) -> Callable[[Ctx], list[str]]:
     def argv(ctx: Ctx) -> list[str]:
-        return [
-            PYTHON,
-            str(BENCH_DIR / "naive_server.py"),
-            "--mode",
-            mode,
-            "--host",
-            HOST,
-            "--port",
-            str(ctx.port),
-            "--redis-url",
-            ctx.redis_url,
-            "--key",
-            API_KEY,
-        ]
+        return [PYTHON, str(BENCH_DIR / "naive_server.py"), "--mode", mode, *server_args(ctx)]
 
     return argv
 
@@ -197,19 +189,7 @@ def always() -> str | None:
 
 
 def node_argv(ctx: Ctx) -> list[str]:
-    node = shutil.which("node") or "node"
-    return [
-        node,
-        str(NODE_DIR / "server.js"),
-        "--host",
-        HOST,
-        "--port",
-        str(ctx.port),
-        "--redis-url",
-        ctx.redis_url,
-        "--key",
-        API_KEY,
-    ]
+    return [shutil.which("node") or "node", str(NODE_DIR / "server.js"), *server_args(ctx)]
 
 
 _node_state: dict[str, str | None] = {}
