@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
@@ -19,6 +20,15 @@ log = logging.getLogger("fxproxy.ingestor.upstream")
 
 class UpstreamSilent(Exception):
     pass
+
+
+def loggable(url: str) -> str:
+    """The URL without credentials or query, which vendors sometimes put keys in."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class Upstream:
@@ -51,11 +61,12 @@ class Upstream:
         attempt = 0
         while True:
             url = self._urls[attempt % len(self._urls)]
+            shown = loggable(url)
             try:
                 await self._session(url)
-                log.warning("upstream closed the connection", extra={"url": url})
+                log.warning("upstream closed the connection", extra={"url": shown})
             except (OSError, TimeoutError, WebSocketException, UpstreamSilent) as exc:
-                log.warning("upstream lost", extra={"url": url, "error": f"{type(exc).__name__}: {exc}"})
+                log.warning("upstream lost", extra={"url": shown, "error": f"{type(exc).__name__}: {exc}"})
             finally:
                 if self.connected.is_set():
                     self.connected.clear()
@@ -78,7 +89,7 @@ class Upstream:
             await self._login(ws)
             self.connected.set()
             metrics.UPSTREAM_UP.set(1)
-            log.info("upstream logged in", extra={"url": url, "symbols": len(self._symbols)})
+            log.info("upstream logged in", extra={"url": loggable(url), "symbols": len(self._symbols)})
             watchdog = asyncio.create_task(self._watch_silence(ws))
             try:
                 await self._read(ws)

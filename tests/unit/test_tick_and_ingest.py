@@ -79,3 +79,9 @@ def test_backoff_grows_exponentially_with_jitter_up_to_max_and_resets() -> None:
         assert ceiling / 2 <= d <= ceiling
     b.reset()
     assert b.next_delay() <= 1.0
+
+
+def test_upstream_urls_are_logged_without_credentials_or_query() -> None:
+    from ingestor.upstream import loggable
+
+    assert loggable("wss://user:s3cret@feed.example:8443/feedadv?api_key=abc") == "wss://feed.example:8443/feedadv"
