@@ -178,10 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_tail_main(tail(args.url, args.key, symbols, count=args.count,
                                         duration=args.duration, raw=args.raw)))
         if args.command == "demo":
-            from fxproxy.demo import run_demo
-
             setup_logging("warning", "console")
-            return _run(run_demo(args.port, args.key, args.duration, args.rate))
+            return _run(_demo_main(args))
         models: dict[str, type[CommonSettings]] = {
             "edge": EdgeSettings, "ingestor": IngestorSettings, "simfeed": SimfeedSettings,
             "keys": CommonSettings,
@@ -205,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RedisError, OSError) as exc:
         print(f"fxproxy {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+async def _demo_main(args: argparse.Namespace) -> int:
+    from fxproxy.demo import run_demo
+
+    return await run_demo(args.port, args.key, args.duration, args.rate, _stop_on_signals())
 
 
 async def _tail_main(coro: Coroutine[Any, Any, int]) -> int:

@@ -18,7 +18,10 @@ DEMO_SYMBOLS = ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCAD", "USDCHF", "NZD
 SHOWN = ["EURUSD", "GBPUSD", "USDJPY"]
 
 
-async def run_demo(port: int, key: str, duration: float, rate: float) -> int:
+async def run_demo(port: int, key: str, duration: float, rate: float,
+                   interrupted: asyncio.Event | None = None) -> int:
+    """Run until `duration` passes (0 = no limit) or `interrupted` is set (Ctrl-C)."""
+    interrupted = interrupted or asyncio.Event()
     bus = MemoryBus()
     upstream_key = "demo-upstream-key"
     feed = SimFeed(upstream_key, rate)
@@ -55,7 +58,13 @@ Live ticks as a client of the edge receives them ({', '.join(SHOWN)}); Ctrl-C to
 """, flush=True)
     try:
         await asyncio.sleep(0.2)  # let the first ticks reach the bus, so snapshots exist
-        await tail(f"{base}/v1/stream", key, SHOWN, duration=duration)
+        client = asyncio.create_task(tail(f"{base}/v1/stream", key, SHOWN, duration=duration))
+        ctrl_c = asyncio.create_task(interrupted.wait())
+        await asyncio.wait([client, ctrl_c], return_when=asyncio.FIRST_COMPLETED)
+        for task in (client, ctrl_c):
+            task.cancel()
+        if interrupted.is_set():
+            print("\nstopping ...", file=sys.stderr)
     finally:
         stop.set()
         await edge.stop(drain_timeout=0)

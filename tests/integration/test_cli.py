@@ -65,3 +65,23 @@ def test_help_documents_every_setting_with_its_env_var() -> None:
     for flag, env in (("--max-frame-size", "FXPROXY_MAX_FRAME_SIZE"), ("--trusted-proxies",
                       "FXPROXY_TRUSTED_PROXIES"), ("--write-delay", "FXPROXY_WRITE_DELAY")):
         assert flag in out.stdout and env in out.stdout
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FXPROXY_")}
+    proc = subprocess.Popen([sys.executable, "-m", "fxproxy", "demo", "--port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # wait for the first live tick
+            if " seq " in proc.stdout.readline():
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
