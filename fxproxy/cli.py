@@ -62,10 +62,12 @@ async def _edge(settings: EdgeSettings) -> int:
 
 async def _ingestor(settings: IngestorSettings) -> int:
     from ingestor.app import run_ingestor
+    from ingestor.leader import RedisLeadership
 
     bus = _bus_for(settings, settings.history_len)
+    leadership = RedisLeadership(bus.client, bus.names, settings.resolved_node_id(), settings.leader_ttl)
     try:
-        await run_ingestor(settings, bus, _stop_on_signals())
+        await run_ingestor(settings, bus, _stop_on_signals(), leadership)
     finally:
         await bus.close()
     return 0
@@ -74,7 +76,7 @@ async def _ingestor(settings: IngestorSettings) -> int:
 async def _simfeed(settings: SimfeedSettings) -> int:
     from fxproxy.simfeed import SimFeed
 
-    feed = SimFeed(settings.key.get_secret_value(), settings.rate)
+    feed = SimFeed(settings.key.get_secret_value(), settings.rate, settings.max_connections)
     await feed.start(settings.host, settings.port)
     await _stop_on_signals().wait()
     await feed.close()

@@ -48,9 +48,11 @@ class Walk:
 
 
 class SimFeed:
-    def __init__(self, key: str, rate: float, seed: int | None = None) -> None:
+    def __init__(self, key: str, rate: float, max_connections: int = 0, seed: int | None = None) -> None:
         self._key = key
         self._rate = rate
+        self._max_connections = max_connections
+        self.logged_in = 0
         rng = random.Random(seed)
         self._walks = {s: Walk(mid, d, rng) for s, (mid, d) in PAIRS.items()}
         self.server: Server | None = None
@@ -72,8 +74,17 @@ class SimFeed:
                 await ws.send("Invalid user key")
                 await ws.close(1008, "invalid userKey")
                 return
+            if self._max_connections and self.logged_in >= self._max_connections:
+                log.info("refused a connection over the limit", extra={"peer": str(peer)})
+                await ws.send("User Key Used to many times")  # what the real feed says
+                await ws.close(1008, "connection limit")
+                return
             log.info("client logged in", extra={"peer": str(peer), "symbols": len(symbols)})
-            await self._stream(ws, symbols)
+            self.logged_in += 1
+            try:
+                await self._stream(ws, symbols)
+            finally:
+                self.logged_in -= 1
         except (ConnectionClosed, TimeoutError):
             return
 

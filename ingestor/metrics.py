@@ -11,3 +11,4 @@ DROPPED = Counter("fxproxy_ingestor_ticks_dropped", "Ticks dropped because the q
 RECONNECTS = Counter("fxproxy_ingestor_upstream_reconnects", "Upstream connection attempts after a loss")
 UPSTREAM_UP = Gauge("fxproxy_ingestor_upstream_connected", "1 while logged in upstream")
 QUEUE = Gauge("fxproxy_ingestor_publish_queue", "Ticks waiting to be published")
+LEADER = Gauge("fxproxy_ingestor_leader", "1 while this ingestor holds the leader lease")

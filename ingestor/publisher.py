@@ -19,8 +19,10 @@ log = logging.getLogger("fxproxy.ingestor.publisher")
 class Publisher:
     """Ticks queue while a round trip is in flight, so batches grow with load by themselves."""
 
-    def __init__(self, bus: Bus, max_queue: int = 100_000, max_batch: int = 2000) -> None:
+    def __init__(self, bus: Bus, max_queue: int = 100_000, max_batch: int = 2000,
+                 fence: str | None = None) -> None:
         self._bus = bus
+        self.fence = fence  # this term's leader token; raises Fenced once another node leads
         self._queue: deque[Message] = deque()
         self._max_queue = max_queue
         self._max_batch = max_batch
@@ -47,7 +49,7 @@ class Publisher:
                 batch = [self._queue.popleft() for _ in range(n)]
                 metrics.QUEUE.set(len(self._queue))
                 try:
-                    await self._bus.publish(batch)
+                    await self._bus.publish(batch, self.fence)
                 except (RedisError, OSError) as exc:
                     # Keep the batch: edges drop duplicate seqs, so a retry never shows twice.
                     self._queue.extendleft(reversed(batch))

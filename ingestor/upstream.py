@@ -43,6 +43,7 @@ class Upstream:
         silence_timeout: float = 10.0,
         backoff: Backoff | None = None,
         open_timeout: float = 10.0,
+        connected: asyncio.Event | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one upstream URL is required")
@@ -54,7 +55,7 @@ class Upstream:
         self._silence = silence_timeout
         self._backoff = backoff or Backoff()
         self._open_timeout = open_timeout
-        self.connected = asyncio.Event()
+        self.connected = connected or asyncio.Event()
 
     async def run(self) -> None:
         """Stay connected until cancelled, moving to the next URL after each failure."""

@@ -14,6 +14,10 @@ class Message(NamedTuple):
     payload: bytes  # the encoded tick, forwarded to clients as is
 
 
+class Fenced(Exception):
+    """Another ingestor leads now: a publisher holding an older token must stop."""
+
+
 TickHandler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], None]
 StateHandler = Callable[[bool], None]
@@ -37,8 +41,11 @@ class Subscriber(Protocol):
 class Bus(Protocol):
     names: Names
 
-    async def publish(self, messages: Sequence[Message]) -> None:
-        """Publish ticks, update last values and history, in one round trip."""
+    async def publish(self, messages: Sequence[Message], fence: str | None = None) -> None:
+        """Publish ticks, update last values and history, in one round trip.
+
+        With `fence`, raise Fenced instead if another leader's token holds the lease.
+        """
         ...
 
     async def last(self, symbols: Collection[str] | None = None) -> dict[str, bytes]:

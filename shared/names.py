@@ -41,3 +41,11 @@ class Names:
     @property
     def edges(self) -> str:
         return f"{self.prefix}edges"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}leader"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}epoch"

@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.bus import ControlHandler, Message, StateHandler, TickHandler
+from shared.bus import ControlHandler, Fenced, Message, StateHandler, TickHandler
 from shared.names import Names
 
 log = logging.getLogger("fxproxy.bus")
@@ -128,11 +128,17 @@ async def _close_quietly(pubsub: PubSub) -> None:
 # command to encode and one reply to parse per batch; as a client-side pipeline it was
 # three of each per tick, which capped one ingestor at ~22k ticks/s (bench/ingest.py).
 # Keys are built from the prefix inside the script, so this needs a single Redis, not a
-# Redis Cluster.
+# Redis Cluster. The fence check makes a deposed ingestor's late batch fail instead of
+# interleaving its seqs with the new leader's; an absent lease (Redis restarted) fences
+# nobody, so the sitting leader can publish what it queued meanwhile.
 _PUBLISH = """
-local prefix, maxlen = ARGV[1], ARGV[2]
+local prefix, maxlen, fence = ARGV[1], ARGV[2], ARGV[3]
+if fence ~= '' then
+  local holder = redis.call('GET', prefix .. 'leader')
+  if holder and holder ~= fence then return -1 end
+end
 local latest, failed = {}, 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local symbol, payload = ARGV[i], ARGV[i + 2]
   redis.call('PUBLISH', prefix .. 'tick:' .. symbol, payload)
   local ok = redis.pcall('XADD', prefix .. 'hist:' .. symbol, 'MAXLEN', '~', maxlen,
@@ -158,11 +164,13 @@ class RedisBus:
     def from_url(cls, url: str, names: Names | None = None, history_len: int = 1000) -> RedisBus:
         return cls(connect_redis(url), names, history_len)
 
-    async def publish(self, messages: Sequence[Message]) -> None:
-        args: list[str | int | bytes] = [self.names.prefix, self._history_len]
+    async def publish(self, messages: Sequence[Message], fence: str | None = None) -> None:
+        args: list[str | int | bytes] = [self.names.prefix, self._history_len, fence or ""]
         for symbol, seq, payload in messages:
             args += (symbol, seq, payload)
         failed = await self._publish(args=args)
+        if failed == -1:
+            raise Fenced(f"the lease is held by another ingestor, not {fence}")
         if failed:
             # Only a replayed seq (a retried batch) makes XADD fail: harmless, but say so.
             log.warning("history refused ticks it already had", extra={"ticks": failed})

@@ -103,8 +103,16 @@ class IngestorSettings(CommonSettings):
     backoff_initial: float = Field(0.5, gt=0, description="First reconnect delay in seconds")
     backoff_max: float = Field(30.0, gt=0, description="Longest reconnect delay in seconds")
     history_len: int = Field(1000, ge=1, description="Ticks kept per symbol for gap recovery")
+    node_id: str = Field("", description="Id of this ingestor in leader election (default: host-random)")
+    leader_ttl: float = Field(
+        5.0, gt=0, description="Seconds the leader's lease lasts; a standby takes over this long "
+        "after the leader dies"
+    )
     metrics_host: str = Field("0.0.0.0", description="Address of the metrics/health endpoint")
     metrics_port: int = Field(9102, ge=0, le=65535, description="Metrics port (0 = off)")
+
+    def resolved_node_id(self) -> str:
+        return self.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
     @field_validator("upstream_urls", "symbols", mode="before")
     @classmethod
@@ -122,3 +130,6 @@ class SimfeedSettings(CommonSettings):
     port: int = Field(9100, ge=0, le=65535, description="Port of the simulated feed")
     key: SecretStr = Field(SecretStr("demo-upstream-key"), description="userKey the feed accepts")
     rate: float = Field(10.0, gt=0, description="Ticks per second per subscribed symbol")
+    max_connections: int = Field(
+        0, ge=0, description="Logged-in connections allowed at once, like a vendor's (0 = any)"
+    )

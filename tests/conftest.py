@@ -75,9 +75,10 @@ class Cluster:
         self.feed_port = 0
 
     def simfeed(self, port: int = 0, rate: float = 20.0) -> Proc:
+        """The vendor stand-in; like a real vendor it takes one logged-in connection at a time."""
         self.feed_port = port or free_port()
         proc = self.start("simfeed", "--port", str(self.feed_port), "--key", UPSTREAM_KEY,
-                          "--rate", str(rate))
+                          "--rate", str(rate), "--max-connections", "1")
         wait_port(self.feed_port)
         return proc
 
