@@ -30,7 +30,8 @@ class Hub:
         self._native: dict[str, set[Writer]] = {}
         self._tm: dict[str, set[Writer]] = {}
         self._last: dict[str, tuple[int, bytes]] = {}
-        self._held: list[tuple[str, bytes]] | None = None  # live ticks held during recovery
+        self._held: list[tuple[str, bytes]] = []  # live ticks held while recoveries run
+        self._holds = 0
 
     def symbols(self) -> set[str]:
         return set(self._refs)
@@ -81,23 +82,28 @@ class Hub:
 
     def hold(self) -> dict[str, int]:
         """Start recovering after a bus outage: hold live ticks; return the last seq per symbol."""
-        self._held = []
+        self._holds += 1
         return {symbol: seq for symbol, (seq, _) in self._last.items()}
 
     def release_held(self, missed: dict[str, list[bytes]]) -> None:
-        """Deliver the ticks missed during the outage, then the held live ones, in seq order."""
-        held, self._held = self._held or [], None
+        """Deliver ticks missed during an outage; when no recovery is left, the held live ones."""
         for symbol, payloads in missed.items():
             for payload in payloads:
-                self.on_tick(symbol, payload)
-        for symbol, payload in held:
-            self.on_tick(symbol, payload)  # seq dedupe drops what the replay already sent
+                self._deliver(symbol, payload)
+        self._holds -= 1
+        if self._holds == 0:
+            held, self._held = self._held, []
+            for symbol, payload in held:
+                self._deliver(symbol, payload)  # seq dedupe drops what a replay already sent
 
     def on_tick(self, symbol: str, payload: bytes) -> None:
         """Called by the bus reader for every tick: frame once, hand the same bytes to all."""
-        if self._held is not None:
+        if self._holds:
             self._held.append((symbol, payload))
-            return
+        else:
+            self._deliver(symbol, payload)
+
+    def _deliver(self, symbol: str, payload: bytes) -> None:
         metrics.MESSAGES.inc()
         try:
             seq = seq_of(payload)
