@@ -382,6 +382,7 @@ class Connection(asyncio.Protocol):
         if key is not None:
             try:
                 identity = await server.auth.authenticate(key)
+                admitted = identity is not None and await self._take_slot(identity)
             except (RedisError, OSError):
                 return self._reject(503, "auth_unavailable", "key store unavailable, try again")
             if self._lost:
@@ -389,12 +390,6 @@ class Connection(asyncio.Protocol):
             if identity is None:
                 log.info("bad API key at handshake", extra={"ip": self.peer_ip})
                 return self._reject(401, "unauthorized", "invalid API key")
-            try:
-                admitted = await self._take_slot(identity)
-            except (RedisError, OSError):
-                return self._reject(503, "auth_unavailable", "key store unavailable, try again")
-            if self._lost:
-                return None
             if not admitted:
                 return self._reject(429, "key_limit", "connection limit reached for this key")
         response = self.ws.accept(request)
@@ -520,7 +515,10 @@ class Connection(asyncio.Protocol):
         if isinstance(cmd, proto.Ping):
             self._send(proto.pong(cmd.id))
         elif isinstance(cmd, proto.Auth):
-            await self._auth_frame(cmd.key, cmd.id)
+            if self.session.authenticated:  # a second auth frame queued behind the first
+                self._refuse(FrameError(ErrorCode.BAD_REQUEST, "already authenticated", cmd.id))
+            else:
+                await self._auth_frame(cmd.key, cmd.id)
         elif isinstance(cmd, proto.Subscribe):
             await self._subscribe(cmd.symbols, cmd.id, cmd.since)
         elif isinstance(cmd, proto.Unsubscribe):

@@ -280,3 +280,14 @@ async def test_abuser_does_not_disturb_other_clients(start_edge: StartEdge) -> N
         seqs = [(await until(good, lambda m: m.get("type") == "tick"))["seq"] for _ in range(20)]
     assert seqs == list(range(seqs[0], seqs[0] + 20))
 
+
+
+async def test_auth_frames_sent_back_to_back_take_one_connection_slot(edge: Edge) -> None:
+    await edge.add_key("one-key", "one", max_connections=1)
+    async with await open_native(edge.port, None) as ws:
+        await send_json(ws, {"op": "auth", "key": "one-key", "id": 1})
+        await send_json(ws, {"op": "auth", "key": "one-key", "id": 2})
+        assert (await recv_json(ws))["type"] == "authenticated"
+        assert (await recv_json(ws))["message"] == "already authenticated"
+    await asyncio.sleep(0.1)
+    assert sum(edge.store.slots.values()) == 0  # the one slot taken was given back
