@@ -17,7 +17,7 @@ import orjson
 from redis.exceptions import RedisError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import OPEN, SEND_EOF
+from websockets.protocol import CONNECTING, OPEN, SEND_EOF
 from websockets.server import ServerProtocol
 
 from edge import metrics
@@ -358,6 +358,10 @@ class Connection(asyncio.Protocol):
     async def _upgrade(self, request: Request) -> None:
         try:
             await self._handshake(request)
+        except Exception:
+            log.exception("handshake failed", extra={"ip": self.peer_ip})
+            if self.ws.state is CONNECTING and not self._lost:
+                self._reject(500, "internal", "internal error")
         finally:
             if not self._lost:
                 self._flush_protocol()

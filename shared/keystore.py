@@ -46,14 +46,18 @@ class KeyRecord:
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> KeyRecord:
-        d = {k.decode(): v.decode() for k, v in raw.items()}
-        return cls(
-            name=d["name"],
-            symbols=tuple(s for s in d.get("symbols", "*").split(",") if s),
-            max_connections=int(d.get("max_connections", "0")),
-            disabled=d.get("disabled") == "1",
-            created=int(d.get("created", "0")),
-        )
+        """Parse a stored record; one edited into nonsense by hand counts as disabled."""
+        d = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+        try:
+            return cls(
+                name=d["name"],
+                symbols=tuple(s for s in d.get("symbols", "*").split(",") if s),
+                max_connections=int(d.get("max_connections", "0")),
+                disabled=d.get("disabled") == "1",
+                created=int(d.get("created", "0")),
+            )
+        except (KeyError, ValueError):
+            return cls(name=d.get("name", "invalid-record"), disabled=True)
 
 
 def key_changed_event(key_hash: str) -> bytes:

@@ -291,3 +291,13 @@ async def test_auth_frames_sent_back_to_back_take_one_connection_slot(edge: Edge
         assert (await recv_json(ws))["message"] == "already authenticated"
     await asyncio.sleep(0.1)
     assert sum(edge.store.slots.values()) == 0  # the one slot taken was given back
+
+
+async def test_unexpected_key_store_failure_answers_500_not_a_hang(edge: Edge) -> None:
+    async def broken(key_hash: str) -> None:
+        raise ValueError("corrupt")
+
+    edge.store.get = broken  # type: ignore[method-assign]
+    with pytest.raises(InvalidStatus) as info:
+        await asyncio.wait_for(open_native(edge.port, "some-stored-key"), 1.5)
+    assert info.value.response.status_code == 500

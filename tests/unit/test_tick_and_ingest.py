@@ -85,3 +85,15 @@ def test_upstream_urls_are_logged_without_credentials_or_query() -> None:
     from ingestor.upstream import loggable
 
     assert loggable("wss://user:s3cret@feed.example:8443/feedadv?api_key=abc") == "wss://feed.example:8443/feedadv"
+
+
+def test_key_record_round_trips_and_a_broken_one_counts_as_disabled() -> None:
+    from shared.keystore import KeyRecord
+
+    record = KeyRecord("alice", ("EUR*", "GBPUSD"), 3, False, 1700000000000)
+    raw = {k.encode(): v.encode() for k, v in record.to_hash().items()}
+    assert KeyRecord.from_hash(raw) == record
+    assert record.allows("EURJPY") and record.allows("GBPUSD") and not record.allows("GBPJPY")
+    broken = KeyRecord.from_hash({b"name": b"bob", b"max_connections": b"many"})
+    assert broken.disabled and broken.name == "bob"
+    assert KeyRecord.from_hash({b"symbols": b"*"}).disabled
