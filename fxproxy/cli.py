@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from fxproxy.config import ConfigError, add_settings_flags, load_settings
 from shared.logs import setup_logging
 from shared.names import Names
+from shared.redis_bus import RedisBus
 from shared.settings import CommonSettings, EdgeSettings, IngestorSettings, SimfeedSettings
 
 
@@ -42,9 +43,7 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _bus_for(settings: CommonSettings, history_len: int = 1000) -> Any:
-    from shared.redis_bus import RedisBus
-
+def _bus_for(settings: CommonSettings, history_len: int = 1000) -> RedisBus:
     return RedisBus.from_url(settings.redis_url, Names(settings.prefix), history_len)
 
 
