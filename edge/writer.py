@@ -85,7 +85,7 @@ class Writer:
         pending.clear()
 
     def write_now(self, data: bytes) -> None:
-        """Bypass the queue (handshake response, close frame) after flushing what is queued."""
+        """Write protocol bytes (handshake, pong, close) at once, after the queue unless paused."""
         self.flush()
         self._transport.write(data)
 
