@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from redis.exceptions import RedisError
 
@@ -20,13 +21,14 @@ from shared.metrics import serve_health
 from shared.settings import IngestorSettings
 
 log = logging.getLogger("fxproxy.ingestor")
+T = TypeVar("T")
 
 
 class LostLeadership(Exception):
     pass
 
 
-async def _retrying(what: str, call: Any, backoff: Backoff) -> Any:
+async def _retrying(what: str, call: Callable[[], Awaitable[T]], backoff: Backoff) -> T:
     """Await `call()` until Redis answers; the ingestor outlives Redis restarts."""
     while True:
         try:
@@ -44,7 +46,7 @@ async def _campaign(leadership: Leadership, settings: IngestorSettings, stop: as
     while not stop.is_set():
         token = await _retrying("leader election", leadership.acquire, backoff)
         if token is not None:
-            return str(token)
+            return token
         if not announced:
             log.info("standing by: another ingestor leads")
             announced = True
@@ -60,14 +62,14 @@ async def _hold(leadership: Leadership, publisher: Publisher, ttl: float) -> Non
     while True:
         await asyncio.sleep(ttl / 3)
         try:
-            token = await leadership.renew(publisher.fence or "")
+            token = await leadership.renew(publisher.fence)
         except (RedisError, OSError) as exc:
             if loop.time() - renewed > ttl:  # our lease has run out: assume another leads
                 raise LostLeadership(f"could not renew the lease for {ttl:g}s: {exc}") from exc
             continue
         if token is None:
             raise LostLeadership("another ingestor holds the lease")
-        if (token or None) != publisher.fence:
+        if token != publisher.fence:
             log.info("lease taken again under a new epoch", extra={"token": token})
             publisher.fence = token
         renewed = loop.time()
@@ -78,7 +80,7 @@ async def _lead(settings: IngestorSettings, bus: Bus, leadership: Leadership, to
     """Stream while we lead. True when told to stop, False when leadership was lost."""
     backoff = Backoff(settings.backoff_initial, settings.backoff_max)
     sequencer = Sequencer.from_last(await _retrying("loading last ticks", bus.last, backoff))
-    publisher = Publisher(bus, fence=token or None)
+    publisher = Publisher(bus, fence=token)
     upstream = Upstream(
         settings.upstream_urls,
         settings.upstream_key.get_secret_value(),
@@ -117,7 +119,7 @@ async def _lead(settings: IngestorSettings, bus: Bus, leadership: Leadership, to
         for task in (streaming, *tasks, stopper):
             with contextlib.suppress(asyncio.CancelledError, LostLeadership, Fenced):
                 await task
-        if stop.is_set() and publisher.fence is not None:
+        if stop.is_set():
             with contextlib.suppress(RedisError, OSError):
                 await leadership.release(publisher.fence)
 

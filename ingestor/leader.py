@@ -13,17 +13,10 @@ from redis.asyncio import Redis
 
 from shared.names import Names
 
-# Take the lease if nobody holds it.
-_ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local token = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
-return token
-"""
-
-# Extend our lease; if it is gone (expired unseen, or Redis restarted empty) and nobody
-# else took it, take it again under a new epoch. Returns the token now held, or false.
-_RENEW = """
+# Extend our lease; if nobody holds it (never taken, expired, or Redis restarted empty),
+# take it under a new epoch. Returns the token now held, or false while another leads.
+# Acquiring is this with a token nobody holds.
+_CLAIM = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -73,21 +66,15 @@ class RedisLeadership:
         # Redis lost fx:epoch and counts from 1 again.
         self._node = f"{node_id}.{secrets.token_hex(3)}"
         self._ttl_ms = int(ttl * 1000)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
+        self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
 
     async def acquire(self) -> str | None:
-        token = await self._acquire(keys=self._keys, args=[self._node, self._ttl_ms])
-        return _text(token)
+        return await self.renew("")
 
     async def renew(self, token: str) -> str | None:
-        held = await self._renew(keys=self._keys, args=[token, self._node, self._ttl_ms])
-        return _text(held)
+        held = await self._claim(keys=self._keys, args=[token, self._node, self._ttl_ms])
+        return cast(bytes, held).decode() if held else None
 
     async def release(self, token: str) -> None:
         await self._release(keys=self._keys[:1], args=[token])
-
-
-def _text(value: object) -> str | None:
-    return cast(bytes, value).decode() if value else None

@@ -20,9 +20,9 @@ class Publisher:
     """Ticks queue while a round trip is in flight, so batches grow with load by themselves."""
 
     def __init__(self, bus: Bus, max_queue: int = 100_000, max_batch: int = 2000,
-                 fence: str | None = None) -> None:
+                 fence: str = "") -> None:
         self._bus = bus
-        self.fence = fence  # this term's leader token; raises Fenced once another node leads
+        self.fence = fence  # this term's leader token ("" = none); Fenced once another leads
         self._queue: deque[Message] = deque()
         self._max_queue = max_queue
         self._max_batch = max_batch

@@ -41,10 +41,10 @@ class Subscriber(Protocol):
 class Bus(Protocol):
     names: Names
 
-    async def publish(self, messages: Sequence[Message], fence: str | None = None) -> None:
+    async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
         """Publish ticks, update last values and history, in one round trip.
 
-        With `fence`, raise Fenced instead if another leader's token holds the lease.
+        With a `fence` token, raise Fenced instead if another leader holds the lease.
         """
         ...
 

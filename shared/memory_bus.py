@@ -49,7 +49,7 @@ class MemoryBus:
         self._history_len = history_len
         self.closed = asyncio.Event()
 
-    async def publish(self, messages: Sequence[Message], fence: str | None = None) -> None:
+    async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
         for symbol, seq, payload in messages:
             self._last[symbol] = payload
             hist = self._history.get(symbol)

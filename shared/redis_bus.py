@@ -127,27 +127,28 @@ async def _close_quietly(pubsub: PubSub) -> None:
 # under id = seq, and keep it as the symbol's last value. Running this in Redis costs one
 # command to encode and one reply to parse per batch; as a client-side pipeline it was
 # three of each per tick, which capped one ingestor at ~22k ticks/s (bench/ingest.py).
-# Keys are built from the prefix inside the script, so this needs a single Redis, not a
-# Redis Cluster. The fence check makes a deposed ingestor's late batch fail instead of
-# interleaving its seqs with the new leader's; an absent lease (Redis restarted) fences
-# nobody, so the sitting leader can publish what it queued meanwhile.
+# Per-symbol keys are built inside the script (from prefixes that Names gives it), so
+# this needs a single Redis, not a Redis Cluster. The fence check makes a deposed
+# ingestor's late batch fail instead of interleaving its seqs with the new leader's; an
+# absent lease (Redis restarted) fences nobody, so the sitting leader can publish what
+# it queued meanwhile.
 _PUBLISH = """
-local prefix, maxlen, fence = ARGV[1], ARGV[2], ARGV[3]
+local tick, hist, maxlen, fence = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if fence ~= '' then
-  local holder = redis.call('GET', prefix .. 'leader')
+  local holder = redis.call('GET', KEYS[2])
   if holder and holder ~= fence then return -1 end
 end
 local latest, failed = {}, 0
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local symbol, payload = ARGV[i], ARGV[i + 2]
-  redis.call('PUBLISH', prefix .. 'tick:' .. symbol, payload)
-  local ok = redis.pcall('XADD', prefix .. 'hist:' .. symbol, 'MAXLEN', '~', maxlen,
+  redis.call('PUBLISH', tick .. symbol, payload)
+  local ok = redis.pcall('XADD', hist .. symbol, 'MAXLEN', '~', maxlen,
                          ARGV[i + 1] .. '-0', 'p', payload)
   if type(ok) == 'table' and ok.err then failed = failed + 1 end
   latest[symbol] = payload
 end
 for symbol, payload in pairs(latest) do
-  redis.call('HSET', prefix .. 'last', symbol, payload)
+  redis.call('HSET', KEYS[1], symbol, payload)
 end
 return failed
 """
@@ -164,11 +165,12 @@ class RedisBus:
     def from_url(cls, url: str, names: Names | None = None, history_len: int = 1000) -> RedisBus:
         return cls(connect_redis(url), names, history_len)
 
-    async def publish(self, messages: Sequence[Message], fence: str | None = None) -> None:
-        args: list[str | int | bytes] = [self.names.prefix, self._history_len, fence or ""]
+    async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
+        n = self.names
+        args: list[str | int | bytes] = [n.tick_channel(""), n.history(""), self._history_len, fence]
         for symbol, seq, payload in messages:
             args += (symbol, seq, payload)
-        failed = await self._publish(args=args)
+        failed = await self._publish(keys=[n.last, n.leader], args=args)
         if failed == -1:
             raise Fenced(f"the lease is held by another ingestor, not {fence}")
         if failed:
