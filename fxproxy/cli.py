@@ -16,7 +16,13 @@ from fxproxy.config import ConfigError, add_settings_flags, load_settings
 from shared.logs import setup_logging
 from shared.names import Names
 from shared.redis_bus import RedisBus
-from shared.settings import CommonSettings, EdgeSettings, IngestorSettings, SimfeedSettings
+from shared.settings import (
+    CommonSettings,
+    EdgeSettings,
+    IngestorSettings,
+    SimfeedSettings,
+    split_csv,
+)
 
 
 def _run(coro: Coroutine[Any, Any, int | None]) -> int:
@@ -91,7 +97,7 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
     try:
         if args.keys_command == "create":
             try:
-                key = await create_key(store, args.name, _csv(args.symbols), args.max_connections)
+                key = await create_key(store, args.name, split_csv(args.symbols), args.max_connections)
             except KeyExists:
                 print(f"fxproxy keys: a key named {args.name!r} exists already", file=sys.stderr)
                 return 1
@@ -105,7 +111,7 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
                 return 1
             print(f"revoked {args.name!r}; its connections are being closed (4003)")
         elif args.keys_command == "update":
-            symbols = None if args.symbols is None else _csv(args.symbols)
+            symbols = None if args.symbols is None else split_csv(args.symbols)
             if not await update_key(store, bus, args.name, symbols, args.max_connections):
                 print(f"fxproxy keys: no key named {args.name!r}", file=sys.stderr)
                 return 1
@@ -113,10 +119,6 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
     finally:
         await bus.close()
     return 0
-
-
-def _csv(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tail":
             from fxproxy.tail import tail
 
-            symbols = _csv(args.symbols)
+            symbols = split_csv(args.symbols)
             return _run(_tail_main(tail(args.url, args.key, symbols, count=args.count,
                                         duration=args.duration, raw=args.raw)))
         if args.command == "demo":

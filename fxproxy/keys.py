@@ -34,11 +34,11 @@ async def _announce(bus: Bus, key_hash: str | None) -> bool:
 
 async def revoke_key(store: KeyStore, bus: Bus, name: str) -> bool:
     """Disable a key; edges close its connections with 4003."""
-    return await _announce(bus, await store.revoke(name))
+    return await _announce(bus, await store.update(name, disabled=True))
 
 
 async def update_key(store: KeyStore, bus: Bus, name: str, symbols: list[str] | None,
                      max_connections: int | None) -> bool:
     """Change a key; edges unsubscribe what it no longer allows."""
     globs = tuple(symbols) if symbols is not None else None
-    return await _announce(bus, await store.update(name, globs, max_connections))
+    return await _announce(bus, await store.update(name, symbols=globs, max_connections=max_connections))

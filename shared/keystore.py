@@ -77,13 +77,9 @@ class KeyStore(Protocol):
 
     async def list(self) -> list[KeyRecord]: ...
 
-    async def revoke(self, name: str) -> str | None:
-        """Disable the key with this name; return its hash, or None if unknown."""
-        ...
-
-    async def update(self, name: str, symbols: tuple[str, ...] | None,
-                     max_connections: int | None) -> str | None:
-        """Change a key's symbols or limit; return its hash, or None if unknown."""
+    async def update(self, name: str, *, symbols: tuple[str, ...] | None = None,
+                     max_connections: int | None = None, disabled: bool | None = None) -> str | None:
+        """Change the given fields of a key (revoking is disabled=True); its hash, or None."""
         ...
 
     async def acquire_slot(self, key_hash: str, edge_id: str, limit: int) -> bool:
@@ -113,21 +109,16 @@ class MemoryKeyStore:
     async def list(self) -> list[KeyRecord]:
         return sorted(self.records.values(), key=lambda r: r.name)
 
-    async def revoke(self, name: str) -> str | None:
-        for key_hash, record in self.records.items():
-            if record.name == name:
-                record.disabled = True
-                return key_hash
-        return None
-
-    async def update(self, name: str, symbols: tuple[str, ...] | None,
-                     max_connections: int | None) -> str | None:
+    async def update(self, name: str, *, symbols: tuple[str, ...] | None = None,
+                     max_connections: int | None = None, disabled: bool | None = None) -> str | None:
         for key_hash, record in self.records.items():
             if record.name == name:
                 if symbols is not None:
                     record.symbols = symbols
                 if max_connections is not None:
                     record.max_connections = max_connections
+                if disabled is not None:
+                    record.disabled = disabled
                 return key_hash
         return None
 
@@ -195,16 +186,8 @@ class RedisKeyStore:
         records = [await self.get(h.decode()) for h in hashes.values()]
         return sorted((r for r in records if r is not None), key=lambda r: r.name)
 
-    async def revoke(self, name: str) -> str | None:
-        raw = cast(bytes | None, await self.client.hget(self.names.key_names, name))
-        if raw is None:
-            return None
-        key_hash = raw.decode()
-        await self.client.hset(self.names.key_record(key_hash), "disabled", "1")
-        return key_hash
-
-    async def update(self, name: str, symbols: tuple[str, ...] | None,
-                     max_connections: int | None) -> str | None:
+    async def update(self, name: str, *, symbols: tuple[str, ...] | None = None,
+                     max_connections: int | None = None, disabled: bool | None = None) -> str | None:
         raw = cast(bytes | None, await self.client.hget(self.names.key_names, name))
         if raw is None:
             return None
@@ -214,6 +197,8 @@ class RedisKeyStore:
             changes["symbols"] = ",".join(symbols)
         if max_connections is not None:
             changes["max_connections"] = str(max_connections)
+        if disabled is not None:
+            changes["disabled"] = "1" if disabled else "0"
         if changes:
             await self.client.hset(self.names.key_record(key_hash), mapping=changes)  # type: ignore[arg-type]
         return key_hash

@@ -14,10 +14,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 CsvList = Annotated[list[str], NoDecode]
 
 
+def split_csv(value: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']"""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _split_csv(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    return split_csv(value) if isinstance(value, str) else value
 
 
 class CommonSettings(BaseSettings):

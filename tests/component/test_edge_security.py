@@ -149,7 +149,7 @@ async def test_entitlements_refuse_symbols_outside_the_keys_globs(edge: Edge) ->
 async def test_revoked_key_closes_live_connections_with_4003(edge: Edge) -> None:
     await edge.add_key("doomed-key", "doomed")
     async with await open_native(edge.port, "doomed-key") as ws:
-        await edge.store.revoke("doomed")
+        await edge.store.update("doomed", disabled=True)
         await edge.bus.publish_control(key_changed_event(next(iter(edge.store.records))))
         assert await closed_with(ws) == 4003
     with pytest.raises(InvalidStatus):
@@ -162,7 +162,7 @@ async def test_narrowed_key_unsubscribes_what_it_no_longer_allows(edge: Edge) ->
         await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD", "GBPUSD"]})
         for _ in range(3):
             await recv_json(ws)
-        key_hash = await edge.store.update("wide", ("EUR*",), None)
+        key_hash = await edge.store.update("wide", symbols=("EUR*",))
         assert key_hash is not None
         await edge.bus.publish_control(key_changed_event(key_hash))
         msg = await recv_json(ws)
