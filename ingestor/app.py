@@ -76,10 +76,10 @@ async def _hold(leadership: Leadership, publisher: Publisher, ttl: float) -> Non
 
 
 async def _lead(settings: IngestorSettings, bus: Bus, leadership: Leadership, token: str,
-                upstream_up: asyncio.Event, stop: asyncio.Event) -> bool:
+                sequencer: Sequencer, upstream_up: asyncio.Event, stop: asyncio.Event) -> bool:
     """Stream while we lead. True when told to stop, False when leadership was lost."""
     backoff = Backoff(settings.backoff_initial, settings.backoff_max)
-    sequencer = Sequencer.from_last(await _retrying("loading last ticks", bus.last, backoff))
+    sequencer.merge(await _retrying("loading last ticks", bus.last, backoff))
     publisher = Publisher(bus, fence=token)
     upstream = Upstream(
         settings.upstream_urls,
@@ -132,6 +132,7 @@ async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event
         raise ValueError("FXPROXY_SYMBOLS is empty: name the symbols to stream")
     leadership = leadership or SoleLeader()
     upstream_up = asyncio.Event()
+    sequencer = Sequencer()  # outlives terms: a Redis that lost its data must not restart seq
     health = None
     if settings.metrics_port:
         health = await serve_health(settings.metrics_host, settings.metrics_port, upstream_up.is_set)
@@ -140,7 +141,7 @@ async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event
     try:
         while True:
             token = await _campaign(leadership, settings, stop)
-            if token is None or await _lead(settings, bus, leadership, token, upstream_up, stop):
+            if token is None or await _lead(settings, bus, leadership, token, sequencer, upstream_up, stop):
                 break
     finally:
         if health is not None:

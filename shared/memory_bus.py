@@ -53,7 +53,7 @@ class MemoryBus:
         for symbol, seq, payload in messages:
             self._last[symbol] = payload
             hist = self._history.get(symbol)
-            if hist is None:
+            if hist is None or seq == 1:  # seq 1 opens a new epoch: older history is another stream
                 hist = self._history[symbol] = deque(maxlen=self._history_len)
             hist.append((seq, payload))
             for sub in self.subscribers:

@@ -23,13 +23,14 @@ from shared.names import Names
 log = logging.getLogger("fxproxy.bus")
 
 
-def connect_redis(url: str) -> Redis:
-    # health_check_interval makes a silently dead connection show itself instead of hanging;
-    # the retry covers pooled connections that died with a Redis restart (publishes retried
-    # this way are harmless: edges drop ticks whose seq they have already forwarded).
+def connect_redis(url: str, *, retries: int = 3, socket_timeout: float | None = 5.0) -> Redis:
+    # health_check_interval makes a silently dead connection show itself instead of hanging,
+    # socket_timeout a hung Redis; the retry covers pooled connections that died with a Redis
+    # restart (publishes retried this way are harmless: edges drop positions they have seen).
     return Redis.from_url(
         url, health_check_interval=10, socket_keepalive=True, socket_connect_timeout=5,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+        socket_timeout=socket_timeout,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 
@@ -96,7 +97,7 @@ class RedisSubscriber:
                     self._on_state(False)
                 await _close_quietly(pubsub)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)
 
     async def _read(self, pubsub: PubSub) -> None:
         prefix_len = len(self._tick_prefix)
@@ -142,6 +143,8 @@ local latest, failed = {}, 0
 for i = 5, #ARGV, 3 do
   local symbol, payload = ARGV[i], ARGV[i + 2]
   redis.call('PUBLISH', tick .. symbol, payload)
+  -- seq 1 opens a new epoch: the history of the old one would block its stream ids
+  if ARGV[i + 1] == '1' then redis.call('DEL', hist .. symbol) end
   local ok = redis.pcall('XADD', hist .. symbol, 'MAXLEN', '~', maxlen,
                          ARGV[i + 1] .. '-0', 'p', payload)
   if type(ok) == 'table' and ok.err then failed = failed + 1 end
@@ -155,15 +158,16 @@ return failed
 
 
 class RedisBus:
-    def __init__(self, client: Redis, names: Names | None = None, history_len: int = 1000) -> None:
-        self.client = client
+    def __init__(self, url: str, names: Names | None = None, history_len: int = 1000) -> None:
+        self.url = url
+        self.client = connect_redis(url)
         self.names = names or Names()
         self._history_len = history_len
         self._publish = client.register_script(_PUBLISH)
 
     @classmethod
     def from_url(cls, url: str, names: Names | None = None, history_len: int = 1000) -> RedisBus:
-        return cls(connect_redis(url), names, history_len)
+        return cls(url, names, history_len)
 
     async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
         n = self.names
@@ -204,7 +208,10 @@ class RedisBus:
     def subscriber(
         self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
     ) -> RedisSubscriber:
-        return RedisSubscriber(self.client, self.names, on_tick, on_control, on_state)
+        # A client of its own that never retries: redis-py would otherwise reconnect and
+        # resubscribe underneath us, and ticks published meanwhile would vanish unnoticed.
+        client = connect_redis(self.url, retries=0, socket_timeout=None)
+        return RedisSubscriber(client, self.names, on_tick, on_control, on_state)
 
     async def ping(self) -> None:
         await self.client.ping()

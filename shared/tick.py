@@ -1,17 +1,38 @@
-"""The tick model and its wire encodings (native frame, TraderMade dialect)."""
+"""The tick model and its wire encodings (native frame, TraderMade dialect).
+
+A tick's position in its symbol's stream is (epoch, seq): seq grows by exactly one within
+an epoch, and a new epoch (seq from 1 again) starts only when no state could continue it.
+"""
 
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
 SYMBOL_RE = re.compile(r"[A-Z][A-Z0-9]{2,15}")
+EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 def is_symbol(value: object) -> bool:
     return isinstance(value, str) and SYMBOL_RE.fullmatch(value) is not None
+
+
+def is_epoch(value: object) -> bool:
+    return isinstance(value, str) and EPOCH_RE.fullmatch(value) is not None
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 48 random bits, so one is never reused, even across Redis data loss."""
+    return secrets.token_urlsafe(6)
+
+
+class Position(NamedTuple):
+    epoch: str
+    seq: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -32,15 +53,16 @@ class Tick:
     ask: float
     mid: float
     ts: int
+    epoch: str
     seq: int
 
     @classmethod
-    def from_quote(cls, quote: Quote, seq: int) -> Tick:
-        return cls(quote.symbol, quote.bid, quote.ask, quote.mid, quote.ts, seq)
+    def from_quote(cls, quote: Quote, epoch: str, seq: int) -> Tick:
+        return cls(quote.symbol, quote.bid, quote.ask, quote.mid, quote.ts, epoch, seq)
 
 
 def encode_tick(tick: Tick) -> bytes:
-    """Encode a tick as the native client frame; `seq` is last so edges can read it cheaply."""
+    """Encode a tick as the native client frame; epoch and seq are last so edges read them cheaply."""
     return orjson.dumps(
         {
             "type": "tick",
@@ -49,6 +71,7 @@ def encode_tick(tick: Tick) -> bytes:
             "ask": tick.ask,
             "mid": tick.mid,
             "ts": tick.ts,
+            "epoch": tick.epoch,
             "seq": tick.seq,
         }
     )
@@ -58,27 +81,41 @@ def decode_tick(payload: bytes) -> Tick:
     """Decode a native tick frame; raises ValueError on anything else."""
     try:
         d = orjson.loads(payload)
-        return Tick(d["symbol"], d["bid"], d["ask"], d["mid"], d["ts"], d["seq"])
+        return Tick(d["symbol"], d["bid"], d["ask"], d["mid"], d["ts"], d["epoch"], d["seq"])
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"not a tick payload: {exc}") from exc
 
 
-def seq_of(payload: bytes) -> int:
-    """Read `seq` from an encoded tick without decoding the JSON (hot path)."""
+def position_of(payload: bytes) -> Position:
+    """Read (epoch, seq) from an encoded tick without decoding the JSON (hot path)."""
     i = payload.rfind(b'"seq":')
     if i < 0:
         raise ValueError("payload has no seq")
+    e = payload.rfind(b'"epoch":"', 0, i)
+    if e < 0:
+        raise ValueError("payload has no epoch")
+    epoch_end = payload.find(b'"', e + 9, i)
     i += 6
     j = i
     n = len(payload)
     while j < n and 48 <= payload[j] <= 57:
         j += 1
-    return int(payload[i:j])
+    if j == i or epoch_end < 0:
+        raise ValueError("payload has a malformed position")
+    return Position(payload[e + 9 : epoch_end].decode(), int(payload[i:j]))
+
+
+def seq_of(payload: bytes) -> int:
+    return position_of(payload).seq
+
+
+def mark(payload: bytes, field: bytes) -> bytes:
+    """Append `"field":true` to an encoded tick (snapshot, conflated): one copy, no JSON parse."""
+    return payload[:-1] + b',"' + field + b'":true}'
 
 
 def mark_snapshot(payload: bytes) -> bytes:
-    """Turn an encoded tick into its snapshot form by appending one field."""
-    return payload[:-1] + b',"snapshot":true}'
+    return mark(payload, b"snapshot")
 
 
 def to_tradermade(payload: bytes) -> bytes:
