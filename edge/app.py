@@ -27,7 +27,8 @@ class EdgeApp:
         server = self.server
         subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
         server.hub.subscriber = subscriber
-        jobs = (subscriber.run(), server.keepalive(), server.heartbeat())
+        jobs = (subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
+                server.lag_probes(), server.probe.run())
         self._tasks = [asyncio.create_task(job) for job in jobs]
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(

@@ -1,135 +1,259 @@
-"""Who on this edge wants which symbol; one bus subscription per symbol, reference counted."""
+"""Who on this edge wants which symbol, and the one ordered, gap-checked stream of each symbol.
+
+Reference counts change synchronously (no await, so a cancelled client can never leak one);
+a single task brings the bus subscription in line with them. Every tick is checked against
+its symbol's last position: duplicates are dropped, a gap is filled from history before later
+ticks go out, and what cannot be filled, or a new epoch, is announced to clients with `reset`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from edge import metrics
-from edge.protocol import text_frame
+from edge.protocol import reset, text_frame
 from edge.writer import Writer
 from shared.bus import Subscriber
-from shared.tick import seq_of, to_tradermade
+from shared.tick import Position, position_of, to_tradermade
 
-# A seq this far below the last one means the sequence restarted (new ingestor and an
-# empty Redis), not a duplicate: accept it rather than drop the symbol forever.
-RESTART_WINDOW = 10_000
+log = logging.getLogger("fxproxy.edge.hub")
+
+History = Callable[[str, int, int], Awaitable[list[bytes]]]
+MAX_HELD = 10_000  # live ticks of one symbol held during a repair before we stop waiting
+
+
+@dataclass(slots=True)
+class Stream:
+    """One symbol as this edge has delivered it."""
+
+    position: Position | None = None
+    payload: bytes = b""
+    held: list[bytes] | None = None  # not None while a repair runs: live ticks wait here
+    native: set[Writer] = field(default_factory=set)
+    tradermade: set[Writer] = field(default_factory=set)
+    gates: dict[Writer, tuple[Position, bool]] = field(default_factory=dict)
 
 
 class Hub:
-    """Subscribing is two steps: `acquire` (bus) then `attach` (writer).
-
-    A connection acquires, reads the snapshot, then attaches with no await in between, so
-    every tick the hub sees after the snapshot reaches the client, and none before it.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, history: History, repair_timeout: float = 2.0, replay_limit: int = 1000) -> None:
         self.subscriber: Subscriber | None = None
+        self._history = history
+        self._repair_timeout = repair_timeout
+        self._replay_limit = replay_limit
         self._refs: Counter[str] = Counter()
-        self._native: dict[str, set[Writer]] = {}
-        self._tm: dict[str, set[Writer]] = {}
-        self._last: dict[str, tuple[int, bytes]] = {}
-        self._held: list[tuple[str, bytes]] = []  # live ticks held while recoveries run
-        self._holds = 0
+        self._streams: dict[str, Stream] = {}
+        self._on_bus: set[str] = set()  # what the bus subscription holds (or is being told)
+        self._changed = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._synced.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # Reference counts and the bus subscription
 
     def symbols(self) -> set[str]:
         return set(self._refs)
 
-    def last(self, symbol: str) -> tuple[int, bytes] | None:
-        """The newest tick this edge has seen for a symbol it is subscribed to."""
-        return self._last.get(symbol)
-
-    async def acquire(self, symbols: Iterable[str]) -> None:
-        new = []
+    def acquire(self, symbols: Iterable[str]) -> None:
         for symbol in symbols:
-            if self._refs[symbol] == 0:
-                new.append(symbol)
             self._refs[symbol] += 1
-        if new:
-            metrics.SUBSCRIBED_SYMBOLS.set(len(self._refs))
-            if self.subscriber is not None:
-                # Shielded: the counts above are already updated, so the bus must follow
-                # even if the client that asked is gone and its task cancelled.
-                await asyncio.shield(self.subscriber.subscribe(new))
+            self._streams.setdefault(symbol, Stream())
+        self._mark_changed()
 
-    async def release(self, symbols: Iterable[str]) -> None:
-        gone = []
+    def release(self, symbols: Iterable[str]) -> None:
         for symbol in symbols:
             self._refs[symbol] -= 1
             if self._refs[symbol] <= 0:
                 del self._refs[symbol]
-                self._last.pop(symbol, None)
-                gone.append(symbol)
-        if gone:
-            metrics.SUBSCRIBED_SYMBOLS.set(len(self._refs))
-            if self.subscriber is not None:
-                await asyncio.shield(self.subscriber.unsubscribe(gone))
+                self._streams.pop(symbol, None)
+        self._mark_changed()
 
-    def attach(self, writer: Writer, symbols: Iterable[str], tradermade: bool = False) -> None:
-        table = self._tm if tradermade else self._native
-        for symbol in symbols:
-            table.setdefault(symbol, set()).add(writer)
+    def _mark_changed(self) -> None:
+        metrics.SUBSCRIBED_SYMBOLS.set(len(self._refs))
+        if self._on_bus.symmetric_difference(self._refs):
+            self._synced.clear()
+            self._changed.set()
+
+    async def synced(self) -> None:
+        """Wait until the bus subscription covers every symbol acquired so far."""
+        await self._synced.wait()
+
+    async def run(self) -> None:
+        """Keep the bus subscription equal to the symbols in use; the only task that changes it."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            add = [s for s in self._refs if s not in self._on_bus]
+            drop = [s for s in self._on_bus if s not in self._refs]
+            self._on_bus.update(add)
+            self._on_bus.difference_update(drop)
+            if self.subscriber is not None:
+                if drop:
+                    await self.subscriber.unsubscribe(drop)
+                if add:
+                    await self.subscriber.subscribe(add)
+            if not self._changed.is_set():
+                self._synced.set()
+
+    # Attaching clients
+
+    def last(self, symbol: str) -> tuple[Position, bytes] | None:
+        stream = self._streams.get(symbol)
+        if stream is None or stream.position is None:
+            return None
+        return stream.position, stream.payload
+
+    def attach(self, writer: Writer, symbol: str, position: Position, payload: bytes,
+               tradermade: bool = False) -> None:
+        """Add a client that has been sent everything up to `position`.
+
+        If this edge has not delivered that far yet, the client waits at a gate until it has,
+        so nothing it already got is sent again.
+        """
+        stream = self._streams[symbol]  # acquired before
+        if stream.position is None:
+            # The first client of a symbol: its snapshot is where this edge's stream starts, so a
+            # tick published between the snapshot read and the subscription shows as a gap.
+            stream.position, stream.payload = position, payload
+        elif stream.position.epoch == position.epoch and stream.position.seq < position.seq:
+            stream.gates[writer] = (position, tradermade)
+            return
+        (stream.tradermade if tradermade else stream.native).add(writer)
 
     def detach(self, writer: Writer, symbols: Iterable[str]) -> None:
         for symbol in symbols:
-            for table in (self._native, self._tm):
-                writers = table.get(symbol)
-                if writers is not None:
-                    writers.discard(writer)
-                    if not writers:
-                        del table[symbol]
+            stream = self._streams.get(symbol)
+            if stream is not None:
+                stream.native.discard(writer)
+                stream.tradermade.discard(writer)
+                stream.gates.pop(writer, None)
 
-    def hold(self) -> dict[str, int]:
-        """Start recovering after a bus outage: hold live ticks; return the last seq per symbol."""
-        self._holds += 1
-        return {symbol: seq for symbol, (seq, _) in self._last.items()}
-
-    def release_held(self, missed: dict[str, list[bytes]]) -> None:
-        """Deliver ticks missed during an outage; when no recovery is left, the held live ones."""
-        for symbol, payloads in missed.items():
-            for payload in payloads:
-                self._deliver(symbol, payload)
-        self._holds -= 1
-        if self._holds == 0:
-            held, self._held = self._held, []
-            for symbol, payload in held:
-                self._deliver(symbol, payload)  # seq dedupe drops what a replay already sent
+    # Ticks
 
     def on_tick(self, symbol: str, payload: bytes) -> None:
-        """Called by the bus reader for every tick: frame once, hand the same bytes to all."""
-        if self._holds:
-            self._held.append((symbol, payload))
-        else:
-            self._deliver(symbol, payload)
-
-    def _deliver(self, symbol: str, payload: bytes) -> None:
+        """Called by the bus reader for every tick."""
         metrics.MESSAGES.inc()
+        stream = self._streams.get(symbol)
+        if stream is None:
+            return  # unsubscribed meanwhile
+        if stream.held is not None:
+            stream.held.append(payload)
+            if len(stream.held) > MAX_HELD:
+                self._finish_repair(symbol, stream, [])
+            return
+        self._take(symbol, stream, payload, repair=True)
+
+    def _take(self, symbol: str, stream: Stream, payload: bytes, repair: bool) -> None:
         try:
-            seq = seq_of(payload)
+            pos = position_of(payload)
         except ValueError:
             return
-        prev = self._last.get(symbol)
-        if prev is not None:
-            last_seq = prev[0]
-            if last_seq - RESTART_WINDOW < seq <= last_seq:
+        last = stream.position
+        if last is not None:
+            if pos.epoch != last.epoch:
+                metrics.EPOCH_CHANGES.inc()
+                log.info("stream restarted under a new epoch", extra={"symbol": symbol, "epoch": pos.epoch})
+                self._announce(stream, symbol, pos.epoch, "stream restarted: history lost")
+            elif pos.seq <= last.seq:
                 metrics.DUPLICATES.inc()
                 return
-            if seq != last_seq + 1:
+            elif pos.seq != last.seq + 1:
                 metrics.GAPS.inc()
-        if symbol in self._refs:
-            self._last[symbol] = (seq, payload)
+                if repair:
+                    stream.held = [payload]
+                    self._spawn(self._repair(symbol, stream, last, pos.seq - last.seq - 1))
+                    return
+                metrics.GAPS_UNRECOVERABLE.inc()
+                log.warning("gap not recoverable", extra={"symbol": symbol, "after": last.seq,
+                                                          "next": pos.seq})
+                self._announce(stream, symbol, pos.epoch, f"ticks {last.seq + 1}-{pos.seq - 1} lost")
+        stream.position, stream.payload = pos, payload
+        if stream.gates:
+            self._open_gates(stream, pos)
+        self._deliver(symbol, stream, payload)
+
+    def _deliver(self, symbol: str, stream: Stream, payload: bytes) -> None:
+        """Frame once, hand the same bytes to every subscriber."""
         delivered = 0
-        native = self._native.get(symbol)
-        if native:
+        if stream.native:
             frame = text_frame(payload)
-            for writer in native:
+            for writer in stream.native:
                 writer.send_tick(symbol, frame)
-            delivered = len(native)
-        tm = self._tm.get(symbol)
-        if tm:
+            delivered = len(stream.native)
+        if stream.tradermade:
             frame = text_frame(to_tradermade(payload))
-            for writer in tm:
+            for writer in stream.tradermade:
                 writer.send_tick(symbol, frame)
-            delivered += len(tm)
+            delivered += len(stream.tradermade)
         metrics.DELIVERIES.inc(delivered)
+
+    def _open_gates(self, stream: Stream, pos: Position) -> None:
+        for writer, (at, tradermade) in list(stream.gates.items()):
+            if at.epoch != pos.epoch or pos.seq > at.seq:
+                del stream.gates[writer]
+                (stream.tradermade if tradermade else stream.native).add(writer)
+
+    def _announce(self, stream: Stream, symbol: str, epoch: str, reason: str) -> None:
+        # Waiting clients stand in the old epoch too: let them in so they hear the reset.
+        self._open_gates(stream, Position(epoch, 0))
+        frame = text_frame(reset(symbol, epoch, reason))
+        for writer in stream.native:
+            writer.forget(symbol)
+            writer.send(frame)
+
+    # Repairs
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _repair(self, symbol: str, stream: Stream, after: Position, missing: int | None) -> None:
+        """Fill a gap after `after` from history (`missing` ticks, or as many as there are)."""
+        found: list[bytes] = []
+        try:
+            async with asyncio.timeout(self._repair_timeout):
+                found = await self._history(symbol, after.seq, missing or self._replay_limit)
+        except Exception as exc:  # any failure ends in a reset, never in a silent gap
+            log.warning("history read failed during repair", extra={"symbol": symbol, "error": repr(exc)})
+        if self._streams.get(symbol) is stream:
+            self._finish_repair(symbol, stream, found)
+
+    def _finish_repair(self, symbol: str, stream: Stream, found: list[bytes]) -> None:
+        held, stream.held = stream.held or [], None
+        before = stream.position
+        filled = 0
+        for payload in found:
+            try:
+                pos = position_of(payload)
+            except ValueError:
+                break
+            if stream.position is None or pos.epoch != stream.position.epoch:
+                break
+            if pos.seq == stream.position.seq + 1:
+                self._take(symbol, stream, payload, repair=False)
+                filled += 1
+        if filled and held and before is not None:
+            metrics.GAPS_REPAIRED.inc()
+            log.info("gap repaired from history", extra={"symbol": symbol, "ticks": filled})
+        for payload in held:
+            self._take(symbol, stream, payload, repair=False)
+
+    def recover(self) -> None:
+        """The bus subscription was re-made: fetch from history whatever pub/sub dropped meanwhile."""
+        for symbol, stream in self._streams.items():
+            if stream.position is not None and stream.held is None:
+                stream.held = []
+                self._spawn(self._repair(symbol, stream, stream.position, None))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

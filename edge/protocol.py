@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shared.tick import is_symbol
+from shared.tick import is_epoch, is_symbol
 
 Id = int | str | None
 
@@ -40,10 +40,18 @@ class CloseCode:
 
 
 @dataclass(slots=True, frozen=True)
+class Since:
+    """Where a resuming client stands; epoch None (a bare seq) means the current epoch."""
+
+    epoch: str | None
+    seq: int
+
+
+@dataclass(slots=True, frozen=True)
 class Subscribe:
     symbols: tuple[str, ...]
     id: Id = None
-    since: dict[str, int] = field(default_factory=dict)
+    since: dict[str, Since] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,15 +131,24 @@ def _symbols(raw: Any, id: Id, max_symbols: int) -> tuple[str, ...]:
     return tuple(raw)
 
 
-def _since(raw: Any, symbols: tuple[str, ...], id: Id) -> dict[str, int]:
+def _position(raw: Any) -> Since | None:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return Since(None, raw) if raw >= 0 else None
+    if isinstance(raw, dict) and raw.keys() == {"epoch", "seq"}:
+        epoch, seq = raw["epoch"], raw["seq"]
+        if is_epoch(epoch) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+            return Since(epoch, seq)
+    return None
+
+
+def _since(raw: Any, symbols: tuple[str, ...], id: Id) -> dict[str, Since]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or not all(
-        k in symbols and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in raw.items()
-    ):
-        raise _bad("since must map subscribed symbols to non-negative seq numbers", id)
-    return dict(raw)
+    out = {k: _position(v) for k, v in raw.items()} if isinstance(raw, dict) else None
+    if out is None or not all(k in symbols and v is not None for k, v in out.items()):
+        raise _bad('since must map subscribed symbols to {"epoch": "...", "seq": N} '
+                   "(or a bare seq for the current epoch)", id)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def parse_command(data: bytes | str, *, max_symbols: int) -> Command:
@@ -175,8 +192,16 @@ def _reply(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj)
 
 
-def subscribed(id: Id, symbols: list[str]) -> bytes:
-    return _reply({"type": "subscribed", "id": id, "symbols": symbols})
+def subscribed(id: Id, symbols: list[str], recovered: dict[str, bool] | None = None) -> bytes:
+    out: dict[str, Any] = {"type": "subscribed", "id": id, "symbols": symbols}
+    if recovered:
+        out["recovered"] = recovered
+    return _reply(out)
+
+
+def reset(symbol: str, epoch: str, reason: str) -> bytes:
+    """The stream of `symbol` jumps: a new epoch, or a gap history could not fill."""
+    return _reply({"type": "reset", "symbol": symbol, "epoch": epoch, "reason": reason})
 
 
 def unsubscribed(id: Id, symbols: list[str], reason: str | None = None) -> bytes:
@@ -219,3 +244,9 @@ def text_frame(payload: bytes) -> bytes:
     if n < 65536:
         return struct.pack("!BBH", _OP_TEXT, 126, n) + payload
     return struct.pack("!BBQ", _OP_TEXT, 127, n) + payload
+
+
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of a frame made by text_frame."""
+    n = frame[1]
+    return frame[2 + (n == 126) * 2 + (n == 127) * 8 :]

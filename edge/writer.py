@@ -1,4 +1,4 @@
-"""One client's outgoing queue: coalesced writes, conflation when slow, never blocking."""
+"""One client's outgoing queue: coalesced writes, a byte budget, conflation when behind, never blocking."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable
 
 from edge import metrics
+from edge.protocol import frame_payload, text_frame
+from shared.tick import mark
 
 
 class Flusher:
@@ -34,45 +36,78 @@ class Flusher:
 
 
 class Writer:
-    """Frames wait in `pending` until the flusher runs; a paused (slow) client is conflated."""
+    """Everything sent to a client waits in `pending` until the flusher runs.
+
+    The client is *behind* while its transport is over the high-water mark (`paused`) or it
+    has not answered a lag probe within FXPROXY_MAX_LAG (`lagging`): ticks are then conflated
+    (latest per symbol) and, if it stays behind for the slow-client timeout, it is closed.
+    Other frames count against `budget` bytes; a client that overruns it is closed too.
+    """
 
     __slots__ = (
-        "_flusher", "_on_slow", "_slow_timeout", "_slow_timer", "_transport",
-        "closed", "conflated", "dirty", "paused", "pending",
+        "_flusher", "_on_slow", "_slow_timeout", "_slow_timer", "_transport", "budget",
+        "closed", "conflated", "dirty", "lagging", "mark_conflated", "paused", "pending",
+        "pending_bytes", "ticks_sent",
     )
 
     def __init__(
-        self, transport: asyncio.WriteTransport, flusher: Flusher,
-        slow_timeout: float, on_slow: Callable[[], None],
+        self, transport: asyncio.WriteTransport, flusher: Flusher, budget: int,
+        slow_timeout: float, on_slow: Callable[[str], None], mark_conflated: bool = True,
     ) -> None:
         self._transport = transport
         self._flusher = flusher
         self._slow_timeout = slow_timeout
         self._on_slow = on_slow
         self._slow_timer: asyncio.TimerHandle | None = None
+        self.budget = budget
+        self.mark_conflated = mark_conflated  # native frames say which ticks skipped others
         self.pending: list[bytes] = []
-        self.conflated: dict[str, bytes] = {}
+        self.pending_bytes = 0
+        self.conflated: dict[str, tuple[bytes, bool]] = {}
+        self.ticks_sent = 0  # ticks queued since the last lag probe
         self.dirty = False
         self.paused = False
+        self.lagging = False
         self.closed = False
 
-    def send(self, frame: bytes) -> None:
-        """Queue a control frame (reply, error, snapshot): never conflated."""
+    @property
+    def behind(self) -> bool:
+        return self.paused or self.lagging
+
+    def room(self) -> int:
+        return self.budget - self.pending_bytes
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a frame that is never conflated (reply, snapshot, replay, pong, close).
+
+        Over the budget the client is closed as too slow and False is returned.
+        """
         if self.closed:
-            return
-        self.pending.append(frame)
-        if not self.dirty and not self.paused:
-            self.dirty = True
-            self._flusher.mark(self)
+            return False
+        if self.pending_bytes + len(frame) > self.budget:
+            self._on_slow("its outgoing buffer is full")
+            return False
+        self._queue(frame)
+        return True
 
     def send_tick(self, symbol: str, frame: bytes) -> None:
-        if self.paused:
-            if symbol in self.conflated:
+        if self.paused or self.lagging:
+            old = self.conflated.get(symbol)
+            if old is not None:
                 metrics.CONFLATED.inc()
-            self.conflated[symbol] = frame
+            self.conflated[symbol] = (frame, old is not None)
             return
+        self.ticks_sent += 1
+        self._queue(frame)
+
+    def forget(self, symbol: str) -> None:
+        """Drop a conflated tick that a reset makes obsolete (it must not follow the reset)."""
+        self.conflated.pop(symbol, None)
+
+    def _queue(self, frame: bytes) -> None:
         self.pending.append(frame)
-        if not self.dirty:
+        self.pending_bytes += len(frame)
+        if not self.dirty and not self.paused:
             self.dirty = True
             self._flusher.mark(self)
 
@@ -83,36 +118,52 @@ class Writer:
         pending = self.pending
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         pending.clear()
+        self.pending_bytes = 0
 
-    def write_now(self, data: bytes) -> None:
-        """Write protocol bytes (handshake, pong, close) at once, after the queue unless paused."""
-        self.flush()
-        self._transport.write(data)
+    def drop_pending(self) -> None:
+        """Forget queued ticks and replies: a client closed for being slow gets the close at once."""
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.conflated.clear()
 
     def pause(self) -> None:
-        """The transport's buffer is over its high-water mark: the client is behind."""
+        """The transport's buffer is over its high-water mark."""
         self.paused = True
-        if self._slow_timer is None:
-            self._slow_timer = asyncio.get_running_loop().call_later(
-                self._slow_timeout, self._on_slow
-            )
+        self._behind_changed()
 
     def resume(self) -> None:
         self.paused = False
-        if self._slow_timer is not None:
-            self._slow_timer.cancel()
-            self._slow_timer = None
-        if self.conflated:
-            self.pending.extend(self.conflated.values())
-            self.conflated.clear()
+        self._behind_changed()
+
+    def set_lagging(self, lagging: bool) -> None:
+        if lagging and not self.lagging:
+            metrics.LAGGING.inc()
+        self.lagging = lagging
+        self._behind_changed()
+
+    def _behind_changed(self) -> None:
+        if self.paused or self.lagging:
+            if self._slow_timer is None and not self.closed:
+                self._slow_timer = asyncio.get_running_loop().call_later(
+                    self._slow_timeout, self._on_slow, "it stayed behind"
+                )
+            return
+        self._cancel_slow_timer()
+        for frame, skipped in self.conflated.values():
+            if skipped and self.mark_conflated:
+                frame = text_frame(mark(frame_payload(frame), b"conflated"))
+            self._queue(frame)
+        self.conflated.clear()
         if self.pending and not self.dirty:
             self.dirty = True
             self._flusher.mark(self)
 
-    def close(self) -> None:
-        self.closed = True
-        self.pending.clear()
-        self.conflated.clear()
+    def _cancel_slow_timer(self) -> None:
         if self._slow_timer is not None:
             self._slow_timer.cancel()
             self._slow_timer = None
+
+    def close(self) -> None:
+        self.closed = True
+        self.drop_pending()
+        self._cancel_slow_timer()

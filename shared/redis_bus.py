@@ -137,7 +137,7 @@ _PUBLISH = """
 local tick, hist, maxlen, fence = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if fence ~= '' then
   local holder = redis.call('GET', KEYS[2])
-  if holder and holder ~= fence then return -1 end
+  if holder and string.sub(holder, 1, #fence + 1) ~= fence .. ':' then return -1 end
 end
 local latest, failed = {}, 0
 for i = 5, #ARGV, 3 do
@@ -163,7 +163,7 @@ class RedisBus:
         self.client = connect_redis(url)
         self.names = names or Names()
         self._history_len = history_len
-        self._publish = client.register_script(_PUBLISH)
+        self._publish = self.client.register_script(_PUBLISH)
 
     @classmethod
     def from_url(cls, url: str, names: Names | None = None, history_len: int = 1000) -> RedisBus:
@@ -176,7 +176,7 @@ class RedisBus:
             args += (symbol, seq, payload)
         failed = await self._publish(keys=[n.last, n.leader], args=args)
         if failed == -1:
-            raise Fenced(f"the lease is held by another ingestor, not {fence}")
+            raise Fenced(f"the lease is held by another ingestor process, not {fence}")
         if failed:
             # Only a replayed seq (a retried batch) makes XADD fail: harmless, but say so.
             log.warning("history refused ticks it already had", extra={"ticks": failed})

@@ -81,6 +81,20 @@ class EdgeSettings(CommonSettings):
     )
     drain_timeout: float = Field(10.0, ge=0, description="Seconds to shed clients on SIGTERM")
     replay_limit: int = Field(1000, ge=0, description="Most ticks replayed for a `since` resume")
+    repair_timeout: float = Field(
+        2.0, gt=0, description="Seconds a symbol's live ticks wait while a bus gap is filled from "
+        "history; then clients get a reset"
+    )
+    max_lag: float = Field(
+        2.0, gt=0, description="Seconds a client may read behind before its ticks are conflated "
+        "(measured with pings); behind for the slow-client timeout means 1013"
+    )
+    max_pending_handshakes: int = Field(
+        1000, ge=1, description="TCP connections allowed to be mid-handshake at once"
+    )
+    max_handshake_bytes: int = Field(
+        16384, ge=1024, description="Largest HTTP upgrade request (request line and headers) in bytes"
+    )
 
     @field_validator("api_keys", "allowed_origins", "trusted_proxies", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ class Edge:
     store: MemoryKeyStore
     port: int
     seqs: dict[str, int] = field(default_factory=dict)
+    epoch: str = "e1"
 
     async def tick(self, symbol: str = "EURUSD", n: int = 1) -> list[int]:
         """Publish `n` ticks for a symbol, as the ingestor would; return their seqs."""
@@ -32,7 +33,7 @@ class Edge:
         for _ in range(n):
             seq = self.seqs.get(symbol, 0) + 1
             self.seqs[symbol] = seq
-            tick = Tick(symbol, 1.1, 1.2, 1.15, 1732186000000 + seq, seq)
+            tick = Tick(symbol, 1.1, 1.2, 1.15, 1732186000000 + seq, self.epoch, seq)
             await self.bus.publish([Message(symbol, seq, encode_tick(tick))])
             out.append(seq)
         return out

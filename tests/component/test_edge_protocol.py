@@ -133,7 +133,7 @@ async def test_client_leaving_mid_subscribe_leaves_no_bus_subscription_behind() 
             return SlowSubscriber(self, on_tick, on_control, on_state)
 
     bus = SlowBus()
-    await bus.publish([Message("EURUSD", 1, encode_tick(Tick("EURUSD", 1.1, 1.2, 1.15, 1, 1)))])
+    await bus.publish([Message("EURUSD", 1, encode_tick(Tick("EURUSD", 1.1, 1.2, 1.15, 1, "e1", 1)))])
     app = EdgeApp(EdgeSettings(host="127.0.0.1", port=0, api_keys=[STATIC_KEY]), bus, None)
     port = await app.start()
     try:

@@ -1,15 +1,17 @@
-"""The hub: one frame per message for all, seq dedupe, ordered recovery after an outage."""
+"""The hub: one frame for all, duplicates dropped, gaps repaired from history or announced."""
 
 from __future__ import annotations
+
+import asyncio
 
 import orjson
 
 from edge.hub import Hub
-from shared.tick import Tick, encode_tick
+from shared.tick import Position, Tick, encode_tick
 
 
 class Recorder:
-    """Stands in for a client's Writer; records the seqs it is handed."""
+    """Stands in for a client's Writer; records what it is handed."""
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
@@ -17,58 +19,147 @@ class Recorder:
     def send_tick(self, symbol: str, frame: bytes) -> None:
         self.frames.append(frame)
 
+    def send(self, frame: bytes) -> bool:
+        self.frames.append(frame)
+        return True
+
+    def forget(self, symbol: str) -> None:
+        pass
+
     @property
-    def seqs(self) -> list[int]:
-        return [orjson.loads(f[2:])["seq"] for f in self.frames]
+    def seen(self) -> list[object]:
+        """seqs of ticks, ('reset', reason) for resets."""
+        out: list[object] = []
+        for f in self.frames:
+            msg = orjson.loads(f[2:])
+            out.append(msg["seq"] if msg["type"] == "tick" else ("reset", msg["epoch"]))
+        return out
 
 
-def tick(seq: int, symbol: str = "EURUSD") -> bytes:
-    return encode_tick(Tick(symbol, 1.1, 1.2, 1.15, 1, seq))
+def tick(seq: int, epoch: str = "e1", symbol: str = "EURUSD") -> bytes:
+    return encode_tick(Tick(symbol, 1.1, 1.2, 1.15, 1, epoch, seq))
 
 
-async def subscribed_hub() -> tuple[Hub, Recorder, Recorder]:
-    hub, a, b = Hub(), Recorder(), Recorder()
-    await hub.acquire(["EURUSD"])
-    hub.attach(a, ["EURUSD"])  # type: ignore[arg-type]
-    hub.attach(b, ["EURUSD"])  # type: ignore[arg-type]
-    return hub, a, b
+class History:
+    def __init__(self, *seqs: int, epoch: str = "e1", delay: float = 0.0) -> None:
+        self.entries = [tick(s, epoch) for s in seqs]
+        self.calls: list[tuple[int, int]] = []
+        self.delay = delay
+
+    async def __call__(self, symbol: str, after: int, limit: int) -> list[bytes]:
+        self.calls.append((after, limit))
+        await asyncio.sleep(self.delay)
+        return [p for p in self.entries if orjson.loads(p)["seq"] > after][:limit]
+
+
+async def hub_with(history: History, *writers: Recorder, start: int = 1) -> Hub:
+    hub = Hub(history, repair_timeout=0.2)
+    hub.acquire(["EURUSD"])
+    for w in writers:
+        hub.attach(w, "EURUSD", Position("e1", start), tick(start))  # type: ignore[arg-type]
+    return hub
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 async def test_every_subscriber_gets_the_same_frame_object() -> None:
-    hub, a, b = await subscribed_hub()
-    hub.on_tick("EURUSD", tick(1))
+    a, b = Recorder(), Recorder()
+    hub = await hub_with(History(), a, b)
+    hub.on_tick("EURUSD", tick(2))
     assert a.frames[0] is b.frames[0]
 
 
-async def test_duplicates_are_dropped_and_a_restarted_sequence_is_accepted() -> None:
-    hub, a, _ = await subscribed_hub()
-    for seq in (1, 2, 2, 1, 3, 1):  # a retried batch, then a fresh ingestor on an empty Redis
+async def test_duplicates_are_dropped() -> None:
+    a = Recorder()
+    hub = await hub_with(History(), a)
+    for seq in (2, 2, 1, 3, 3):
         hub.on_tick("EURUSD", tick(seq))
-    assert a.seqs == [1, 2, 3]
-    hub.on_tick("EURUSD", tick(50_000))
-    hub.on_tick("EURUSD", tick(1))  # far below the last: the sequence restarted
-    assert a.seqs[-2:] == [50_000, 1]
+    assert a.seen == [2, 3]
 
 
-async def test_recovery_replays_missed_ticks_before_the_held_live_ones() -> None:
-    hub, a, _ = await subscribed_hub()
-    hub.on_tick("EURUSD", tick(1))
-    assert hub.hold() == {"EURUSD": 1}
-    hub.on_tick("EURUSD", tick(4))  # live ticks arrive while history is read
-    hub.on_tick("EURUSD", tick(5))
-    assert a.seqs == [1]
-    hub.release_held({"EURUSD": [tick(2), tick(3), tick(4)]})
-    assert a.seqs == [1, 2, 3, 4, 5]
+async def test_a_gap_is_filled_from_history_before_later_ticks_go_out() -> None:
+    a = Recorder()
+    history = History(2, 3, 4)
+    hub = await hub_with(history, a)
+    hub.on_tick("EURUSD", tick(4))  # 2 and 3 were lost on the way
+    hub.on_tick("EURUSD", tick(5))  # arrives while history is read: held
+    assert a.seen == []
+    await settle()
+    assert history.calls == [(1, 2)]
+    assert a.seen == [2, 3, 4, 5]
 
 
-async def test_overlapping_recoveries_lose_nothing() -> None:
-    hub, a, _ = await subscribed_hub()
-    hub.on_tick("EURUSD", tick(1))
-    hub.hold()
-    hub.on_tick("EURUSD", tick(3))
-    hub.hold()  # the bus dropped and came back again before the first replay finished
+async def test_a_gap_history_cannot_fill_is_announced_with_a_reset() -> None:
+    a = Recorder()
+    hub = await hub_with(History(3), a)  # history lost seq 2
     hub.on_tick("EURUSD", tick(4))
-    hub.release_held({"EURUSD": [tick(2)]})
-    assert a.seqs == [1, 2]  # still held: the second recovery is running
-    hub.release_held({"EURUSD": [tick(3)]})
-    assert a.seqs == [1, 2, 3, 4]
+    await settle()
+    assert a.seen == [("reset", "e1"), 4]
+
+
+async def test_a_hung_history_read_ends_in_a_reset_after_the_repair_timeout() -> None:
+    a = Recorder()
+    hub = await hub_with(History(2, delay=5), a)
+    hub.on_tick("EURUSD", tick(3))
+    await asyncio.sleep(0.3)
+    assert a.seen == [("reset", "e1"), 3]
+
+
+async def test_a_new_epoch_is_announced_before_its_first_tick() -> None:
+    a = Recorder()
+    hub = await hub_with(History(), a)
+    hub.on_tick("EURUSD", tick(2))
+    hub.on_tick("EURUSD", tick(1, epoch="e2"))
+    hub.on_tick("EURUSD", tick(2, epoch="e2"))
+    assert a.seen == [2, ("reset", "e2"), 1, 2]
+
+
+async def test_after_a_bus_reconnect_missed_ticks_are_replayed_before_held_live_ones() -> None:
+    a = Recorder()
+    history = History(2, 3, 4)
+    hub = await hub_with(history, a)
+    hub.recover()
+    hub.on_tick("EURUSD", tick(4))  # live, while history is read
+    hub.on_tick("EURUSD", tick(5))
+    await settle()
+    assert a.seen == [2, 3, 4, 5]
+
+
+async def test_a_client_ahead_of_the_edge_waits_at_a_gate_and_gets_no_duplicate() -> None:
+    a, ahead = Recorder(), Recorder()
+    hub = await hub_with(History(), a)
+    hub.attach(ahead, "EURUSD", Position("e1", 3), tick(3))  # type: ignore[arg-type]
+    for seq in (2, 3, 4):
+        hub.on_tick("EURUSD", tick(seq))
+    assert a.seen == [2, 3, 4]
+    assert ahead.seen == [4]
+
+
+async def test_reference_counts_and_bus_subscription_come_back_to_what_is_needed() -> None:
+    class Bus:
+        def __init__(self) -> None:
+            self.symbols: set[str] = set()
+
+        async def subscribe(self, symbols: list[str]) -> None:
+            await asyncio.sleep(0.01)
+            self.symbols.update(symbols)
+
+        async def unsubscribe(self, symbols: list[str]) -> None:
+            await asyncio.sleep(0.01)
+            self.symbols.difference_update(symbols)
+
+    hub, bus = Hub(History()), Bus()
+    hub.subscriber = bus  # type: ignore[assignment]
+    runner = asyncio.create_task(hub.run())
+    hub.acquire(["EURUSD", "GBPUSD"])
+    hub.release(["GBPUSD"])
+    hub.acquire(["USDJPY"])
+    await hub.synced()
+    assert bus.symbols == {"EURUSD", "USDJPY"}
+    hub.release(["EURUSD", "USDJPY"])
+    await hub.synced()
+    assert bus.symbols == set() and hub.symbols() == set()
+    runner.cancel()

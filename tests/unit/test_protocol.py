@@ -9,6 +9,7 @@ from edge.protocol import (
     ErrorCode,
     FrameError,
     Ping,
+    Since,
     Subscribe,
     Unsubscribe,
     error,
@@ -24,7 +25,17 @@ def parse(data: str | bytes) -> object:
 
 def test_subscribe_with_id_and_since_parses() -> None:
     cmd = parse('{"op":"subscribe","symbols":["EURUSD","GBPUSD"],"id":1,"since":{"EURUSD":12}}')
-    assert cmd == Subscribe(("EURUSD", "GBPUSD"), 1, {"EURUSD": 12})
+    assert cmd == Subscribe(("EURUSD", "GBPUSD"), 1, {"EURUSD": Since(None, 12)})
+    cmd = parse('{"op":"subscribe","symbols":["EURUSD"],"since":{"EURUSD":{"epoch":"e7","seq":3}}}')
+    assert cmd == Subscribe(("EURUSD",), None, {"EURUSD": Since("e7", 3)})
+
+
+def test_malformed_since_is_refused() -> None:
+    for since in ('{"GBPUSD":1}', '{"EURUSD":-1}', '{"EURUSD":true}', '{"EURUSD":{"seq":1}}',
+                  '{"EURUSD":{"epoch":"","seq":1}}', '{"EURUSD":{"epoch":"e1","seq":1,"x":2}}',
+                  '{"EURUSD":{"epoch":"bad epoch","seq":1}}', '[1]'):
+        with pytest.raises(FrameError):
+            parse('{"op":"subscribe","symbols":["EURUSD"],"since":' + since + "}")
 
 
 def test_unsubscribe_ping_auth_parse() -> None:

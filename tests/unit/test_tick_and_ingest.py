@@ -10,23 +10,33 @@ import pytest
 from ingestor.backoff import Backoff
 from ingestor.sequencer import Sequencer
 from ingestor.tradermade import MalformedMessage, login_frame, parse_message
-from shared.tick import Quote, Tick, decode_tick, encode_tick, mark_snapshot, seq_of, to_tradermade
+from shared.tick import (
+    Position,
+    Quote,
+    Tick,
+    decode_tick,
+    encode_tick,
+    mark_snapshot,
+    position_of,
+    to_tradermade,
+)
 
-TICK = Tick("EURUSD", 1.08512, 1.08519, 1.085155, 1732186000123, 1235)
+TICK = Tick("EURUSD", 1.08512, 1.08519, 1.085155, 1732186000123, "e7", 1235)
 
 
 def test_encoded_tick_is_the_native_frame_and_round_trips() -> None:
     payload = encode_tick(TICK)
     assert orjson.loads(payload) == {"type": "tick", "symbol": "EURUSD", "bid": 1.08512, "ask": 1.08519,
-                                     "mid": 1.085155, "ts": 1732186000123, "seq": 1235}
+                                     "mid": 1.085155, "ts": 1732186000123, "epoch": "e7", "seq": 1235}
     assert decode_tick(payload) == TICK
 
 
-def test_seq_is_read_without_decoding_even_with_fields_after_it() -> None:
-    assert seq_of(encode_tick(TICK)) == 1235
-    assert seq_of(b'{"seq":77,"pt":123}') == 77
-    with pytest.raises(ValueError):
-        seq_of(b'{"x":1}')
+def test_position_is_read_without_decoding_even_with_fields_after_it() -> None:
+    assert position_of(encode_tick(TICK)) == Position("e7", 1235)
+    assert position_of(b'{"epoch":"a-b_9","seq":77,"snapshot":true}') == Position("a-b_9", 77)
+    for bad in (b'{"x":1}', b'{"seq":77}', b'{"epoch":"e1"}', b'{"epoch":"e1","seq":x}'):
+        with pytest.raises(ValueError):
+            position_of(bad)
 
 
 def test_snapshot_and_tradermade_forms() -> None:
@@ -65,11 +75,34 @@ def test_login_frame() -> None:
 
 
 def test_sequencer_grows_by_one_per_symbol_and_continues_from_last() -> None:
-    last = {"EURUSD": encode_tick(TICK), "BAD": b"garbage"}
-    seq = Sequencer.from_last(last)
+    seq = Sequencer()
+    seq.merge({"EURUSD": encode_tick(TICK), "BAD": b"garbage"})
     q = Quote("EURUSD", 1, 2, 1.5, 1)
-    assert [seq.number(q).seq for _ in range(3)] == [1236, 1237, 1238]
-    assert seq.number(Quote("GBPUSD", 1, 2, 1.5, 1)).seq == 1
+    assert [(t.epoch, t.seq) for t in (seq.number(q) for _ in range(3))] == [
+        ("e7", 1236), ("e7", 1237), ("e7", 1238)]
+    first = seq.number(Quote("GBPUSD", 1, 2, 1.5, 1))
+    assert first.seq == 1 and first.epoch not in ("", "e7")
+
+
+def test_sequencer_keeps_its_own_numbers_when_redis_lost_them_and_follows_a_newer_epoch() -> None:
+    seq = Sequencer()
+    seq.merge({"EURUSD": encode_tick(TICK)})
+    q = Quote("EURUSD", 1, 2, 1.5, 1)
+    seq.number(q)  # e7:1236
+    seq.merge({})  # Redis came back empty: memory continues, no new epoch
+    assert (seq.number(q).epoch, seq.number(q).seq) == ("e7", 1238)
+    older = encode_tick(Tick("EURUSD", 1, 2, 1.5, 1, "e7", 1000))
+    seq.merge({"EURUSD": older})  # an older copy (AOF behind memory) never moves seq back
+    assert seq.number(q).seq == 1239
+    other = encode_tick(Tick("EURUSD", 1, 2, 1.5, 1, "e9", 5))
+    seq.merge({"EURUSD": other})  # another leader numbered it since: follow that stream
+    assert (seq.number(q).epoch, seq.number(q).seq) == ("e9", 7)
+
+
+def test_new_epochs_are_never_reused() -> None:
+    from shared.tick import new_epoch
+
+    assert len({new_epoch() for _ in range(10_000)}) == 10_000
 
 
 def test_backoff_grows_exponentially_with_jitter_up_to_max_and_resets() -> None:

@@ -1,0 +1,248 @@
+"""What one connection's commands do: auth, subscribe (with catch-up), unsubscribe, login, ping.
+
+Commands run one at a time, in order, in a task that exists only while there is work. Hub
+reference counts change without an await in between, inside try/finally, so a client that
+leaves at any await point gives back exactly what it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+from websockets.protocol import OPEN
+
+from edge import metrics
+from edge import protocol as proto
+from edge.catchup import CatchUp, catch_up
+from edge.protocol import CloseCode, ErrorCode, FrameError
+from shared.keystore import KeyRecord, hash_key
+from shared.tick import to_tradermade
+
+if TYPE_CHECKING:
+    from edge.auth import Identity
+    from edge.connection import Connection
+
+log = logging.getLogger("fxproxy.edge")
+HISTORY_READS = 3  # a replay chases an advancing stream at most this often before giving up
+
+
+class Commands:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._inbox: deque[proto.Command | proto.Login] = deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def _live(self) -> bool:
+        return not self.conn.lost and self.conn.ws.state is OPEN
+
+    def stop(self) -> None:
+        """The connection is closing: queued commands never run."""
+        self._inbox.clear()
+        if self._worker is not None and self.conn.lost:
+            self._worker.cancel()
+
+    def on_text(self, data: bytes) -> None:
+        conn, session = self.conn, self.conn.session
+        limit = conn.server.settings.max_symbols_per_request
+        try:
+            cmd: proto.Command | proto.Login
+            if conn.tradermade:
+                cmd = proto.parse_login(data, max_symbols=limit)
+            else:
+                cmd = proto.parse_command(data, max_symbols=limit)
+        except FrameError as exc:
+            conn.refuse(exc)
+            return
+        if isinstance(cmd, proto.Auth) and session.authenticated:
+            conn.refuse(FrameError(ErrorCode.BAD_REQUEST, "already authenticated", cmd.id))
+            return
+        if not isinstance(cmd, proto.Auth | proto.Login) and not session.authenticated:
+            conn.refuse(FrameError(
+                ErrorCode.UNAUTHORIZED, 'authenticate first: {"op":"auth","key":"..."}',
+                getattr(cmd, "id", None),
+            ))
+            return
+        if isinstance(cmd, proto.Ping) and self._worker is None:
+            conn.send(proto.pong(cmd.id))
+            return
+        self._inbox.append(cmd)
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self._inbox and self._live:
+                cmd = self._inbox.popleft()
+                try:
+                    await self._execute(cmd)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.warning("bus error serving a command", extra={"error": str(exc)})
+                    if self._live:
+                        self.conn.send(proto.error(ErrorCode.UNAVAILABLE, "temporarily unavailable, retry",
+                                                   getattr(cmd, "id", None)))
+        finally:
+            self._worker = None
+
+    async def _execute(self, cmd: proto.Command | proto.Login) -> None:
+        if isinstance(cmd, proto.Ping):
+            self.conn.send(proto.pong(cmd.id))
+        elif isinstance(cmd, proto.Auth):
+            if self.conn.session.authenticated:  # a second auth frame queued behind the first
+                self.conn.refuse(FrameError(ErrorCode.BAD_REQUEST, "already authenticated", cmd.id))
+            else:
+                await self._auth_frame(cmd.key, cmd.id)
+        elif isinstance(cmd, proto.Subscribe):
+            await self._subscribe(cmd.symbols, cmd.id, cmd.since)
+        elif isinstance(cmd, proto.Unsubscribe):
+            held = [s for s in cmd.symbols if s in self.conn.session.symbols]
+            self.drop(held)
+            self.conn.send(proto.unsubscribed(cmd.id, held))
+        else:
+            await self._login(cmd)
+
+    # Authentication
+
+    async def _auth_frame(self, key: str, id: proto.Id) -> bool:
+        conn = self.conn
+        identity = await conn.server.auth.authenticate(key)
+        if not self._live:
+            return False
+        if identity is None:
+            log.info("bad API key in auth frame", extra={"ip": conn.peer_ip})
+            if conn.tradermade:
+                conn.send(proto.tm_error("Invalid user key"))
+            conn.close(CloseCode.UNAUTHORIZED, "invalid API key")
+            return False
+        admitted = await conn.server.take_slot(conn, identity)
+        if not self._live:
+            return False
+        if not admitted:
+            if conn.tradermade:
+                conn.send(proto.tm_error("Connection limit reached for this key"))
+            conn.close(CloseCode.CONNECTION_LIMIT, "connection limit reached for this key")
+            return False
+        self.authenticated(identity)
+        if not conn.tradermade:
+            conn.send(proto.authenticated(id, identity.record.name))
+        return True
+
+    def authenticated(self, identity: Identity) -> None:
+        conn = self.conn
+        conn.auth_deadline_met()
+        conn.session.key_hash = identity.key_hash
+        conn.session.record = identity.record
+        conn.server.register(conn)
+        log.debug("client authenticated", extra={"key": identity.record.name, "ip": conn.peer_ip})
+
+    async def _login(self, login: proto.Login) -> None:
+        """TraderMade: a login names the whole set of symbols wanted, so diff against it."""
+        session = self.conn.session
+        if session.authenticated:
+            if not hmac.compare_digest(hash_key(login.key), session.key_hash):
+                # One connection, one key: never stream under a key the client did not prove.
+                self.conn.refuse(FrameError(ErrorCode.BAD_REQUEST,
+                                            "already logged in with another userKey; reconnect to change it"))
+                return
+        elif not await self._auth_frame(login.key, None):
+            return
+        wanted = set(login.symbols)
+        self.drop([s for s in session.symbols if s not in wanted])
+        await self._subscribe(tuple(s for s in login.symbols if s not in session.symbols), None, {})
+
+    # Subscriptions
+
+    async def _subscribe(self, symbols: tuple[str, ...], id: proto.Id,
+                         since: dict[str, proto.Since]) -> None:
+        conn = self.conn
+        plan = conn.session.plan_subscribe(symbols)
+        if plan.forbidden:
+            self._symbol_error(ErrorCode.FORBIDDEN_SYMBOL, "not allowed for this key", plan.forbidden, id)
+        if plan.over_limit:
+            self._symbol_error(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                               f"at most {conn.session.max_subscriptions} per connection",
+                               plan.over_limit, id)
+        if not plan.allowed and not plan.already:
+            return
+        hub, wanted = conn.server.hub, plan.allowed
+        attached: list[str] = []
+        hub.acquire(wanted)  # no await between this and the try: nothing can leak
+        try:
+            plans = await self._catch_up(wanted, since)
+            if not self._live:
+                return
+            unknown = [s for s in wanted if plans[s] is None]
+            if unknown:
+                self._symbol_error(ErrorCode.UNKNOWN_SYMBOL, "no such symbol on this feed", unknown, id)
+            attached = [s for s in wanted if s not in unknown]
+            # No await from here to attach(): no tick can slip in between.
+            if not conn.tradermade and (attached or plan.already):
+                recovered = {s: p.recovered for s in attached
+                             if (p := plans[s]) is not None and p.recovered is not None}
+                conn.send(proto.subscribed(id, attached + plan.already, recovered))
+            assert conn.writer is not None
+            for symbol in attached:
+                catchup = plans[symbol]
+                assert catchup is not None
+                if conn.tradermade:
+                    conn.send(to_tradermade(catchup.payload))
+                else:
+                    for payload in catchup.frames:
+                        conn.send(payload)
+                hub.attach(conn.writer, symbol, catchup.position, catchup.payload, conn.tradermade)
+            conn.session.symbols.update(attached)
+        finally:
+            hub.release([s for s in wanted if s not in attached])
+
+    async def _catch_up(self, wanted: list[str], since: dict[str, proto.Since]) -> dict[str, CatchUp | None]:
+        """Read Redis, then plan each symbol against the hub as it is now (see edge/catchup.py)."""
+        server = self.conn.server
+        hub, bus, limit = server.hub, server.bus, server.settings.replay_limit
+        await hub.synced()  # subscribed before reading, so the snapshot and the stream meet
+        stored = await bus.last(wanted)
+        history = {s: await bus.history(s, since[s].seq, limit) for s in wanted if s in since}
+        assert self.conn.writer is not None
+        for attempt in range(HISTORY_READS):
+            room = self.conn.writer.room() // 2
+            plans = {s: catch_up(since.get(s), hub.last(s), stored.get(s), history.get(s), limit, room)
+                     for s in wanted}
+            short = [s for s, p in plans.items() if p is not None and p.short]
+            if not short or attempt == HISTORY_READS - 1 or not self._live:
+                break
+            for s in short:  # the stream moved on while we read: read the rest
+                history[s] = await bus.history(s, since[s].seq, limit)
+        return plans
+
+    def _symbol_error(self, code: ErrorCode, what: str, symbols: list[str], id: proto.Id) -> None:
+        metrics.ERRORS.labels(code.value).inc()
+        listed = ", ".join(symbols)
+        if self.conn.tradermade:
+            self.conn.send(proto.tm_error(f"Error: {listed}: {what}"))
+        else:
+            self.conn.send(proto.error(code, f"{listed}: {what}", id, symbols))
+
+    def drop(self, symbols: list[str]) -> None:
+        if not symbols:
+            return
+        conn = self.conn
+        assert conn.writer is not None
+        conn.session.symbols.difference_update(symbols)
+        conn.server.hub.detach(conn.writer, symbols)
+        conn.server.hub.release(symbols)
+
+    def apply_record(self, record: KeyRecord) -> None:
+        """A key's record changed: keep the new limits, drop symbols no longer allowed."""
+        conn = self.conn
+        conn.session.record = record
+        lost = conn.session.disallowed(record)
+        if lost:
+            if conn.tradermade:
+                conn.send(proto.tm_error(f"Error: {', '.join(lost)}: no longer allowed for this key"))
+            else:
+                conn.send(proto.unsubscribed(None, lost, "no longer allowed for this key"))
+            self.drop(lost)
