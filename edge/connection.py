@@ -63,6 +63,7 @@ class Connection(asyncio.Protocol):
         self._rx = bytearray()
         self._rx_scheduled = False
         self._rx_held = False  # an upgrade is in progress: keep what follows the request
+        self._rx_eof = False
         self._rx_bytes = 0  # bytes received before the upgrade (handshake cap)
         self._paused_for: set[str] = set()
         self._eof_sent = False
@@ -114,10 +115,16 @@ class Connection(asyncio.Protocol):
             self._feed()
 
     def eof_received(self) -> bool | None:
-        if not self.ws.eof_sent or self.ws.state is OPEN:
-            self.ws.receive_eof()
-            self._write_protocol()
-        return None  # asyncio closes the transport once our writes are flushed
+        self._rx_eof = True
+        if not self._rx_scheduled:
+            self._end_of_input()
+        return True  # we close once what came before the EOF is parsed
+
+    def _end_of_input(self) -> None:
+        self.ws.receive_eof()
+        self._write_protocol()
+        if self.transport is not None:
+            self.transport.close()  # after our queued writes are flushed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -175,7 +182,6 @@ class Connection(asyncio.Protocol):
             self.ws.receive_data(chunk)
         except (AssertionError, EOFError):  # bytes after the end of the conversation
             self._rx.clear()
-            return
         self._handle_events()
         if self._rx and not self._rx_held and not self.lost:
             self._pause_reading("slice")
@@ -183,6 +189,8 @@ class Connection(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._feed)
         else:
             self._resume_reading("slice")
+            if self._rx_eof and not self._rx_held:
+                self._end_of_input()
 
     def _handle_events(self) -> None:
         # Pongs made while parsing answer pings that came before anything completed in this slice.
@@ -246,10 +254,11 @@ class Connection(asyncio.Protocol):
             if data is SEND_EOF or data == b"":
                 self._half_close()
             else:
-                self.writer.send(data)
+                self.writer.send(data, protocol=True)
         if self.ws.close_sent is not None and not self._close_counted:
             self._close_counted = True  # counted here, so closes made by websockets count too
             metrics.CLOSED.labels(str(self.ws.close_sent.code)).inc()
+            self.writer.seal()  # once closing, nothing more goes out
         if self.ws.close_expected() and self._close_timer is None and not self.lost:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._half_close)
 
@@ -262,7 +271,7 @@ class Connection(asyncio.Protocol):
             return
         self._eof_sent = True
         assert self.writer is not None
-        self.writer.flush()
+        self.writer.flush(force=True)
         self._linger_until = asyncio.get_running_loop().time() + self.server.linger
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -431,7 +440,7 @@ class Connection(asyncio.Protocol):
             if not self.lost:
                 self._write_protocol()
                 self._resume_reading("upgrade")
-                if self._rx and not self._rx_scheduled:
+                if (self._rx or self._rx_eof) and not self._rx_scheduled:
                     self._feed()
 
     def accept(self, request: Request) -> bool:

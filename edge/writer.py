@@ -47,7 +47,7 @@ class Writer:
     __slots__ = (
         "_flusher", "_on_slow", "_slow_timeout", "_slow_timer", "_transport", "budget",
         "closed", "conflated", "dirty", "lagging", "mark_conflated", "paused", "pending",
-        "pending_bytes", "ticks_sent",
+        "pending_bytes", "sealed", "ticks_sent",
     )
 
     def __init__(
@@ -68,7 +68,8 @@ class Writer:
         self.dirty = False
         self.paused = False
         self.lagging = False
-        self.closed = False
+        self.sealed = False  # a close frame is queued: nothing may follow it
+        self.closed = False  # the connection is gone
 
     @property
     def behind(self) -> bool:
@@ -77,20 +78,24 @@ class Writer:
     def room(self) -> int:
         return self.budget - self.pending_bytes
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes, *, protocol: bool = False) -> bool:
         """Queue a frame that is never conflated (reply, snapshot, replay, pong, close).
 
-        Over the budget the client is closed as too slow and False is returned.
+        Over the budget the client is closed as too slow and False is returned. Protocol
+        frames (pongs, close) skip the budget: they are small and the frames that cause them
+        are rate limited.
         """
-        if self.closed:
+        if self.sealed:
             return False
-        if self.pending_bytes + len(frame) > self.budget:
+        if not protocol and self.pending_bytes + len(frame) > self.budget:
             self._on_slow("its outgoing buffer is full")
             return False
         self._queue(frame)
         return True
 
     def send_tick(self, symbol: str, frame: bytes) -> None:
+        if self.sealed:
+            return
         if self.paused or self.lagging:
             old = self.conflated.get(symbol)
             if old is not None:
@@ -111,9 +116,10 @@ class Writer:
             self.dirty = True
             self._flusher.mark(self)
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> None:
+        """Write what is pending in one write; `force` writes even over the high-water mark."""
         self.dirty = False
-        if self.closed or self.paused or not self.pending:
+        if self.closed or (self.paused and not force) or not self.pending:
             return
         pending = self.pending
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
@@ -163,7 +169,12 @@ class Writer:
             self._slow_timer.cancel()
             self._slow_timer = None
 
+    def seal(self) -> None:
+        self.sealed = True
+        self.conflated.clear()
+        self._cancel_slow_timer()
+
     def close(self) -> None:
-        self.closed = True
+        self.sealed = self.closed = True
         self.drop_pending()
         self._cancel_slow_timer()
