@@ -89,15 +89,35 @@ async def _simfeed(settings: SimfeedSettings) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
-    from fxproxy.keys import create_key, print_keys, revoke_key, update_key
-    from shared.keystore import KeyExists, RedisKeyStore
+    from fxproxy.keys import create_key, parse_symbols, print_keys, revoke_key, update_key
+    from shared.keystore import (
+        InvalidKeyField,
+        KeyExists,
+        RedisKeyStore,
+        validate_max_connections,
+        validate_name,
+    )
+
+    # Refuse what may not be stored before touching Redis: one line, exit 2.
+    symbols: tuple[str, ...] | None = None
+    try:
+        if args.keys_command == "create":
+            validate_name(args.name)
+        if args.keys_command in ("create", "update"):
+            symbols = None if args.symbols is None else parse_symbols(args.symbols)
+            if args.max_connections is not None:
+                validate_max_connections(args.max_connections)
+    except InvalidKeyField as exc:
+        print(f"fxproxy keys {args.keys_command}: {exc}", file=sys.stderr)
+        return 2
 
     bus = _bus_for(settings)
     store = RedisKeyStore(bus.client, bus.names)
     try:
         if args.keys_command == "create":
+            assert symbols is not None  # --symbols defaults to '*'
             try:
-                key = await create_key(store, args.name, split_csv(args.symbols), args.max_connections)
+                key = await create_key(store, args.name, symbols, args.max_connections)
             except KeyExists:
                 print(f"fxproxy keys: a key named {args.name!r} exists already", file=sys.stderr)
                 return 1
@@ -111,7 +131,6 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
                 return 1
             print(f"revoked {args.name!r}; its connections are being closed (4003)")
         elif args.keys_command == "update":
-            symbols = None if args.symbols is None else split_csv(args.symbols)
             if not await update_key(store, bus, args.name, symbols, args.max_connections):
                 print(f"fxproxy keys: no key named {args.name!r}", file=sys.stderr)
                 return 1
@@ -153,8 +172,10 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage API keys in Redis")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser("create", help="create a key; prints it once")
-    create.add_argument("--name", required=True, help="unique name, used in logs and to revoke")
-    create.add_argument("--symbols", default="*", help="allowed symbol globs, e.g. 'EUR*,GBPUSD'")
+    create.add_argument("--name", required=True, help="unique name, used in logs and to revoke: "
+                        "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
+    create.add_argument("--symbols", default="*", help="allowed symbol globs (A-Z 0-9 * ? @), "
+                        "e.g. 'EUR*,GBPUSD'; '*' (the default) for all")
     create.add_argument("--max-connections", type=int, default=0,
                         help="concurrent connections across the cluster (0 = no limit)")
     keys_sub.add_parser("list", help="list keys (never the keys themselves)")
@@ -162,8 +183,9 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     update = keys_sub.add_parser("update", help="change a key's symbols or connection limit, live")
     update.add_argument("name")
-    update.add_argument("--symbols", default=None, help="new allowed symbol globs")
-    update.add_argument("--max-connections", type=int, default=None, help="new limit (0 = none)")
+    update.add_argument("--symbols", default=None, help="new allowed symbol globs ('*' for all)")
+    update.add_argument("--max-connections", type=int, default=None,
+                        help="new limit (0 = none); connections over it are closed (4008)")
     for action in (create, keys_sub.choices["list"], revoke, update):
         action.add_argument("--redis-url", dest="redis_url", default=argparse.SUPPRESS,
                             help="Redis URL [FXPROXY_REDIS_URL]")

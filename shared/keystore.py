@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Protocol, cast
@@ -13,6 +15,56 @@ import orjson
 from redis.asyncio import Redis
 
 from shared.names import Names
+
+# What an admin may store. Names appear in logs, in `keys list` and in the
+# `authenticated` reply, so they are short and printable; symbol globs match
+# upper-case symbols (fnmatch: `*` any run, `?` one character).
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+KEY_NAME_RE = re.compile(KEY_NAME_PATTERN)
+SYMBOL_GLOB_PATTERN = r"^[A-Z0-9*?@]{1,32}$"
+SYMBOL_GLOB_RE = re.compile(SYMBOL_GLOB_PATTERN)
+
+
+class InvalidKeyField(ValueError):
+    """A key name, symbol glob or connection limit that may not be stored; the message says why."""
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """`text` safe for one terminal line: control and non-ASCII characters escaped
+    (as Python and bash's $'...' write them), at most `limit` characters shown."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    if len(escaped) > limit:
+        return f"{escaped[:limit]}...(+{len(escaped) - limit} chars)"
+    return escaped
+
+
+def validate_name(name: str) -> str:
+    """The name, if it matches KEY_NAME_PATTERN; else InvalidKeyField."""
+    if KEY_NAME_RE.fullmatch(name) is None:
+        raise InvalidKeyField(
+            f"bad key name '{printable(name, 40)}': use 1-64 characters A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit")
+    return name
+
+
+def validate_symbols(globs: Iterable[str]) -> tuple[str, ...]:
+    """Symbol globs, each matching SYMBOL_GLOB_PATTERN; none at all is refused (use `*`)."""
+    out = tuple(globs)
+    if not out:
+        raise InvalidKeyField("no symbols given: list symbol globs such as 'EUR*,GBPUSD', "
+                              "or '*' for all symbols")
+    for glob in out:
+        if SYMBOL_GLOB_RE.fullmatch(glob) is None:
+            raise InvalidKeyField(
+                f"bad symbol glob '{printable(glob, 40)}': use 1-32 characters A-Z 0-9 * ? @ "
+                "(symbols are upper case), e.g. 'EUR*,GBPUSD'")
+    return out
+
+
+def validate_max_connections(limit: int) -> int:
+    if limit < 0:
+        raise InvalidKeyField(f"bad max connections {limit}: use 0 (no limit) or more")
+    return limit
 
 
 def hash_key(key: str) -> str:
@@ -88,15 +140,33 @@ class KeyStore(Protocol):
 
     async def release_slot(self, key_hash: str, edge_id: str) -> None: ...
 
+    async def trim_slots(self, key_hash: str, edge_id: str, limit: int) -> int:
+        """After a key's limit was lowered: how many of this edge's connections must close.
+
+        Counts the key's live connections across live edges (as acquire_slot does);
+        if they exceed `limit` (> 0), takes min(excess, this edge's count) off this
+        edge's count and returns it, else 0. Atomic, so when every edge calls it in
+        turn the cluster closes exactly the excess. The slots returned are given up
+        here: close that many connections without calling release_slot for them.
+        """
+        ...
+
     async def heartbeat(self, edge_id: str, ttl: float) -> None:
         """Mark this edge alive for `ttl` seconds; slots held by dead edges stop counting."""
         ...
 
 
 class MemoryKeyStore:
+    """One process's keys; every edge sharing it counts as alive (no heartbeats needed)."""
+
     def __init__(self) -> None:
         self.records: dict[str, KeyRecord] = {}
-        self.slots: dict[str, int] = {}
+        self.conns: dict[str, dict[str, int]] = {}  # key hash -> edge id -> connections
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """Key hash -> connections counted across edges."""
+        return {key_hash: sum(edges.values()) for key_hash, edges in self.conns.items()}
 
     async def get(self, key_hash: str) -> KeyRecord | None:
         return self.records.get(key_hash)
@@ -123,36 +193,74 @@ class MemoryKeyStore:
         return None
 
     async def acquire_slot(self, key_hash: str, edge_id: str, limit: int) -> bool:
-        if limit > 0 and self.slots.get(key_hash, 0) >= limit:
+        edges = self.conns.setdefault(key_hash, {})
+        if limit > 0 and sum(edges.values()) >= limit:
             return False
-        self.slots[key_hash] = self.slots.get(key_hash, 0) + 1
+        edges[edge_id] = edges.get(edge_id, 0) + 1
         return True
 
     async def release_slot(self, key_hash: str, edge_id: str) -> None:
-        self.slots[key_hash] = max(0, self.slots.get(key_hash, 0) - 1)
+        edges = self.conns.get(key_hash, {})
+        n = edges.get(edge_id, 0) - 1
+        if n > 0:
+            edges[edge_id] = n
+        else:
+            edges.pop(edge_id, None)
+
+    async def trim_slots(self, key_hash: str, edge_id: str, limit: int) -> int:
+        edges = self.conns.get(key_hash, {})
+        mine = edges.get(edge_id, 0)
+        excess = sum(edges.values()) - limit
+        if limit <= 0 or excess <= 0 or mine <= 0:
+            return 0
+        cut = min(excess, mine)
+        if cut < mine:
+            edges[edge_id] = mine - cut
+        else:
+            del edges[edge_id]
+        return cut
 
     async def heartbeat(self, edge_id: str, ttl: float) -> None:
         return None
 
 
-# Counts live connections of a key across edges: fields of dead edges (heartbeat expired)
+# Counts live connections of a key across edges (KEYS[1] fx:conns:{hash}, KEYS[2] fx:edges;
+# ARGV[1] edge id, ARGV[2] limit, ARGV[3] now): fields of dead edges (heartbeat expired)
 # are dropped as they are met, so a crashed edge's connections free themselves.
-_ACQUIRE = """
+_COUNT_LIVE = """
 local now = tonumber(ARGV[3])
 local limit = tonumber(ARGV[2])
 local total = 0
+local mine = 0
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
   local alive = redis.call('ZSCORE', KEYS[2], fields[i])
   if alive and tonumber(alive) >= now then
-    total = total + tonumber(fields[i + 1])
+    local n = tonumber(fields[i + 1])
+    total = total + n
+    if fields[i] == ARGV[1] then mine = n end
   else
     redis.call('HDEL', KEYS[1], fields[i])
   end
 end
+"""
+
+_ACQUIRE = _COUNT_LIVE + """
 if limit > 0 and total >= limit then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 return 1
+"""
+
+# Gives up this edge's share of the excess over a lowered limit; returns how many.
+_TRIM = _COUNT_LIVE + """
+if limit <= 0 or total <= limit or mine <= 0 then return 0 end
+local cut = math.min(total - limit, mine)
+if cut == mine then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HINCRBY', KEYS[1], ARGV[1], -cut)
+end
+return cut
 """
 
 _RELEASE = """
@@ -168,6 +276,7 @@ class RedisKeyStore:
         self.names = names or Names()
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._trim = client.register_script(_TRIM)
 
     async def get(self, key_hash: str) -> KeyRecord | None:
         raw = cast(dict[bytes, bytes], await self.client.hgetall(self.names.key_record(key_hash)))
@@ -209,6 +318,10 @@ class RedisKeyStore:
 
     async def release_slot(self, key_hash: str, edge_id: str) -> None:
         await self._release(keys=[self.names.connections(key_hash)], args=[edge_id])
+
+    async def trim_slots(self, key_hash: str, edge_id: str, limit: int) -> int:
+        keys = [self.names.connections(key_hash), self.names.edges]
+        return int(await self._trim(keys=keys, args=[edge_id, limit, time.time()]))
 
     async def heartbeat(self, edge_id: str, ttl: float) -> None:
         now = time.time()

@@ -7,6 +7,7 @@ import contextlib
 import subprocess
 import sys
 import time
+from typing import cast
 
 import pytest
 import redis
@@ -40,7 +41,7 @@ async def test_keys_are_stored_only_hashed_and_never_logged(cluster: Cluster) ->
     with pytest.raises(InvalidStatus):
         await open_native(port, key + "x")
     client = redis.Redis.from_url(cluster.redis_url)
-    dump = b"".join(k + repr(client.dump(k)).encode() for k in client.keys("*"))
+    dump = b"".join(k + repr(client.dump(k)).encode() for k in cast(list[bytes], client.keys("*")))
     client.close()
     assert key.encode() not in dump
     listing = keys_cli(cluster.redis_url, "list")
@@ -122,3 +123,24 @@ async def test_connection_limit_counts_across_edges_and_frees_when_an_edge_dies(
             await asyncio.sleep(0.2)
     await c.close()
     await d.close()
+
+
+@pytest.mark.parametrize("argv", [
+    ["create", "--name", "frank", "--symbols", ""],  # once created an all-symbols key
+    ["create", "--name", "fr\x1b[31mank"],
+    ["create", "--name", "frank", "--max-connections", "-1"],
+])
+def test_keys_cli_refuses_what_may_not_be_stored_and_stores_nothing(redis_url: str, argv: list[str]) -> None:
+    out = keys_cli(redis_url, *argv)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    client = redis.Redis.from_url(redis_url)
+    assert client.keys("*") == []
+    client.close()
+
+
+def test_keys_update_with_no_symbols_is_refused_and_leaves_the_key_as_it_was(redis_url: str) -> None:
+    create_key(redis_url, "gina", "--symbols", "EUR*")
+    out = keys_cli(redis_url, "update", "gina", "--symbols", " , ")
+    assert out.returncode == 2 and "'*' for all symbols" in out.stderr, out.stderr
+    row = next(line for line in keys_cli(redis_url, "list").stdout.splitlines() if line.startswith("gina"))
+    assert row.endswith("EUR*"), row
