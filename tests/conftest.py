@@ -26,6 +26,26 @@ def redis_server() -> Iterator[RedisServer]:
         server.close()
 
 
+StartRedis = Callable[..., RedisServer]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[StartRedis]:
+    """Start redis-servers of this test's own, e.g. `own_redis(persistent=True)` (AOF, as
+    shipped); each is killed and its data dir removed at teardown."""
+    started: list[RedisServer] = []
+
+    def start(persistent: bool = False) -> RedisServer:
+        server = RedisServer(persistent=persistent)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """A running, empty Redis for this test (a fault test may have stopped it)."""

@@ -1,4 +1,4 @@
-"""A real redis-server for the test session: own free port, no persistence, restartable."""
+"""A real redis-server for tests: own free port, restartable; no persistence unless asked (AOF)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,17 @@ def find_redis_server() -> str:
 
 
 class RedisServer:
-    """One redis-server process on 127.0.0.1; stop() and start() keep the same port."""
+    """One redis-server process on 127.0.0.1; stop() and start() keep the same port and dir.
 
-    def __init__(self) -> None:
+    `persistent=True` runs it as the shipped deployments do (docker-compose.yml,
+    deploy/k8s/redis.yaml): AOF on, fsync every second, no RDB snapshots; the data
+    dir outlives stop()/start(), so a restart reloads what was fsynced before a kill.
+    """
+
+    def __init__(self, persistent: bool = False) -> None:
         self.binary = find_redis_server()
         self.port = free_port()
+        self.persistent = persistent
         self.dir = Path(tempfile.mkdtemp(prefix="fxproxy-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -47,9 +53,11 @@ class RedisServer:
 
     def start(self) -> None:
         assert self.proc is None, "already running"
+        aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else \
+            ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
+             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
