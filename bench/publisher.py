@@ -6,7 +6,7 @@ ingestor's ticks plus a ``pt`` field (wall-clock publish time in microseconds)
 so that a client can compute publish -> receive latency::
 
     {"type":"tick","symbol":"EURUSD","bid":1.08512,"ask":1.08519,"mid":1.085155,
-     "ts":1732186000123,"seq":1235,"pt":1732186000123456}
+     "ts":1732186000123,"epoch":"bench","seq":1235,"pt":1732186000123456}
 
 Pacing uses the monotonic clock: on every scheduler tick all messages that are
 due so far are sent in pipelined batches (no MULTI). The first message of each
@@ -111,7 +111,8 @@ def next_payload(st: SymbolState, rnd: random.Random, *, advance: bool = True) -
     now_ns = time.time_ns()
     return (
         f'{{"type":"tick","symbol":"{st.symbol}","bid":{bid:.{d}f},"ask":{ask:.{d}f},'
-        f'"mid":{mid:.{d + 1}f},"ts":{now_ns // 1_000_000},"seq":{st.seq},"pt":{now_ns // 1000}}}'
+        f'"mid":{mid:.{d + 1}f},"ts":{now_ns // 1_000_000},"epoch":"bench","seq":{st.seq},'
+        f'"pt":{now_ns // 1000}}}'
     ).encode()
 
 

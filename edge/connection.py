@@ -8,6 +8,7 @@ client's bounded Writer, in order. Nothing here awaits a client.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import socket
 import struct
@@ -44,9 +45,10 @@ _PROBE = struct.Struct("!4sQ")  # lag probe ping payload: tag, sequence number
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, server: EdgeServer) -> None:
+    def __init__(self, server: EdgeServer, serial: int = 0) -> None:
         s = server.settings
         self.server = server
+        self.serial = serial
         self.ws = ServerProtocol(max_size=s.max_frame_size)
         self.session = Session(s.max_subscriptions, s.max_strikes, TokenBucket(s.op_rate, s.op_burst))
         self.commands = Commands(self)
@@ -70,6 +72,7 @@ class Connection(asyncio.Protocol):
         self._close_counted = False
         self._fragments: list[bytes] | None = None
         self._fragments_binary = False
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._probe_seq = 0
         self._probe_sent: float | None = None
         self._pending_handshake = True
@@ -222,21 +225,24 @@ class Connection(asyncio.Protocol):
         if frame.opcode is not Opcode.CONT:
             self._fragments_binary = frame.opcode is Opcode.BINARY
             self._fragments = []
+            self._utf8.reset()
         if self._fragments is None:
             return
+        if not self._fragments_binary:
+            try:  # fragment by fragment, so a bad message fails as soon as it is bad
+                self._utf8.decode(frame.data, final=frame.fin)
+            except UnicodeDecodeError:
+                self.ws.fail(1007, "invalid UTF-8 in a text frame")  # RFC 6455 8.1
+                return
         self._fragments.append(bytes(frame.data))
         if frame.fin:
             data, self._fragments = b"".join(self._fragments), None
             self._on_message(data, self._fragments_binary)
 
     def _on_message(self, data: bytes, binary: bool) -> None:
+        """A complete message; text has been checked to be UTF-8."""
         if binary:
             self.refuse(FrameError(ErrorCode.BAD_REQUEST, "binary frames are not supported"))
-            return
-        try:
-            data.decode()
-        except UnicodeDecodeError:
-            self.ws.fail(1007, "invalid UTF-8 in a text frame")  # RFC 6455 8.1
             return
         self.commands.on_text(data)
 

@@ -42,6 +42,7 @@ class EdgeServer:
         self.connections: set[Connection] = set()  # every TCP connection, for shutdown
         self.by_key: dict[str, set[Connection]] = {}  # upgraded and authenticated
         self.open_count = 0
+        self.accepted = 0  # TCP connections so far: each one's serial, so "newest" is defined
         self.pending_handshakes = 0
         self.subscribed = False
         self.draining = False
@@ -61,7 +62,8 @@ class EdgeServer:
         return task
 
     def protocol_factory(self) -> Connection:
-        return Connection(self)
+        self.accepted += 1
+        return Connection(self, self.accepted)
 
     # The bus
 
@@ -107,7 +109,7 @@ class EdgeServer:
         except (RedisError, OSError) as exc:
             log.warning("connection limit trim failed", extra={"error": str(exc)})
             return
-        holding = [c for c in conns if c.holds_slot and not c.lost]
+        holding = sorted((c for c in conns if c.holds_slot and not c.lost), key=lambda c: c.serial)
         for conn in holding[len(holding) - excess:] if excess > 0 else ():
             conn.holds_slot = False  # its slot was taken off by trim_slots already
             conn.close(CloseCode.CONNECTION_LIMIT, "connection limit of this key lowered")

@@ -2,8 +2,8 @@
 
 Everything but the message handler is the edge as shipped: EdgeApp, EdgeServer, Connection
 (sans-I/O websockets parser, bounded read slices, frame budget, Writer, close handling), on uvloop.
-`_on_message` echoes instead of running commands; text is UTF-8 checked exactly as the base class
-does. No key is needed: the echo never looks at the session.
+`_on_message` echoes instead of running commands (the base class has checked text is UTF-8,
+fragment by fragment). No key is needed: the echo never looks at the session.
 
     python bench/autobahn/echo_edge.py [PORT]   # prints "LISTENING <port>" once bound
 """
@@ -27,12 +27,6 @@ from shared.settings import EdgeSettings
 
 class EchoConnection(Connection):
     def _on_message(self, data: bytes, binary: bool) -> None:
-        if not binary:
-            try:
-                data.decode()
-            except UnicodeDecodeError:
-                self.ws.fail(1007, "invalid UTF-8 in a text frame")  # RFC 6455 8.1
-                return
         assert self.writer is not None
         opcode = Opcode.BINARY if binary else Opcode.TEXT
         self.writer.send(Frame(opcode, data).serialize(mask=False))

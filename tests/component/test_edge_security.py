@@ -301,3 +301,17 @@ async def test_unexpected_key_store_failure_answers_500_not_a_hang(edge: Edge) -
     with pytest.raises(InvalidStatus) as info:
         await asyncio.wait_for(open_native(edge.port, "some-stored-key"), 1.5)
     assert info.value.response.status_code == 500
+
+
+async def test_lowering_a_keys_connection_limit_closes_its_newest_connections(edge: Edge) -> None:
+    await edge.add_key("team-key", "team", max_connections=3)
+    conns = [await open_native(edge.port, "team-key") for _ in range(3)]
+    await asyncio.sleep(0.05)
+    key_hash = await edge.store.update("team", max_connections=1)
+    assert key_hash is not None
+    await edge.bus.publish_control(key_changed_event(key_hash))
+    assert [await closed_with(ws) for ws in conns[1:]] == [4008, 4008]
+    await send_json(conns[0], {"op": "ping", "id": 1})
+    assert await recv_json(conns[0]) == {"type": "pong", "id": 1}  # the oldest one stays
+    assert edge.store.slots[key_hash] == 1
+    await conns[0].close()
