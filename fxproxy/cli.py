@@ -70,7 +70,8 @@ async def _ingestor(settings: IngestorSettings) -> int:
     from ingestor.leader import RedisLeadership
 
     bus = _bus_for(settings, settings.history_len)
-    leadership = RedisLeadership(bus.client, bus.names, settings.resolved_node_id(), settings.leader_ttl)
+    leadership = RedisLeadership.from_url(bus.url, bus.names, settings.resolved_node_id(),
+                                          settings.leader_ttl)
     try:
         await run_ingestor(settings, bus, _stop_on_signals(), leadership)
     finally:

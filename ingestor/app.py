@@ -1,4 +1,11 @@
-"""Wires the ingestor: leader election, then sequencer, publisher and upstream while leading."""
+"""Wires the ingestor: leader election, then sequencer, publisher and upstream while leading.
+
+Every lease call has a deadline of ttl/3 (`_campaign`, `_hold`), so a hung Redis holds neither
+for longer. A leader that cannot renew for a full TTL stands down and leaves the vendor, since
+another process may lead by then. Leader dies → a standby leads within TTL + TTL/3 (its poll)
++ upstream login. After a Redis hang of any length, whoever's claim Redis ran first adopts it on
+its next poll: ticks flow again about TTL/3 + login after Redis answers.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -17,92 +25,163 @@ from ingestor.publisher import Publisher
 from ingestor.sequencer import Sequencer
 from ingestor.upstream import Upstream
 from shared.bus import Bus, Fenced
+from shared.bus_probe import BusProbe
 from shared.metrics import serve_health
 from shared.settings import IngestorSettings
 
 log = logging.getLogger("fxproxy.ingestor")
 T = TypeVar("T")
 
+LEASE_ERRORS = (RedisError, OSError, TimeoutError)
+
 
 class LostLeadership(Exception):
     pass
 
 
-async def _retrying(what: str, call: Callable[[], Awaitable[T]], backoff: Backoff) -> T:
+@dataclass
+class _State:
+    """What outlives a term: positions, unpublished ticks, and what /readyz reports."""
+
+    bus: Bus
+    fence: str
+    sequencer: Sequencer = field(default_factory=Sequencer)
+    publisher: Publisher | None = None
+    term: int | None = None  # the term number of our last token
+    upstream_up: asyncio.Event = field(default_factory=asyncio.Event)
+    leading: bool = False
+
+
+async def _retrying(what: str, call: Callable[[], Awaitable[T]], backoff: Backoff,
+                    timeout: float | None = None) -> T:
     """Await `call()` until Redis answers; the ingestor outlives Redis restarts."""
     while True:
         try:
-            return await call()
-        except (RedisError, OSError) as exc:
+            return await asyncio.wait_for(call(), timeout)
+        except LEASE_ERRORS as exc:
             delay = backoff.next_delay()
-            log.warning(f"{what} failed", extra={"error": str(exc), "retry_s": round(delay, 2)})
+            log.warning(f"{what} failed", extra={"error": f"{type(exc).__name__}: {exc}",
+                                                  "retry_s": round(delay, 2)})
             await asyncio.sleep(delay)
 
 
-async def _campaign(leadership: Leadership, settings: IngestorSettings, stop: asyncio.Event) -> str | None:
-    """Wait as a standby until this node leads (its token) or it is told to stop (None)."""
-    announced = False
-    backoff = Backoff(settings.backoff_initial, settings.backoff_max)
+async def _campaign(leadership: Leadership, ttl: float, stop: asyncio.Event) -> tuple[str, float] | None:
+    """Claim every ttl/3 until this node leads: (token, when the winning claim was sent), or None
+    once told to stop. A claim that timed out may have run in Redis; the next one adopts it."""
+    loop = asyncio.get_running_loop()
+    interval = ttl / 3
+    announced = failing = False
     while not stop.is_set():
-        token = await _retrying("leader election", leadership.acquire, backoff)
-        if token is not None:
-            return token
-        if not announced:
-            log.info("standing by: another ingestor leads")
-            announced = True
+        sent = loop.time()
+        try:
+            token = await asyncio.wait_for(leadership.claim(), interval)
+        except LEASE_ERRORS as exc:
+            if not failing:
+                log.warning("leader election: Redis not answering",
+                            extra={"error": f"{type(exc).__name__}: {exc}"})
+                failing = True
+        else:
+            failing = False
+            if token is not None:
+                return token, sent
+            if not announced:
+                log.info("standing by: another ingestor leads")
+                announced = True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings.leader_ttl / 3)
+            await asyncio.wait_for(stop.wait(), max(0.0, sent + interval - loop.time()))
     return None
 
 
-async def _hold(leadership: Leadership, publisher: Publisher, ttl: float) -> None:
-    """Renew the lease every ttl/3; raise LostLeadership once it is someone else's or stale."""
+async def _hold(leadership: Leadership, ttl: float, renewed: float, token: str = "") -> NoReturn:
+    """Renew every ttl/3; raise LostLeadership once another process holds the lease, or when no
+    renewal got through for a full TTL since `renewed` (when the last good claim was sent).
+    Our own lease taken again under a new term (it ran out in a hung Redis, or Redis lost it) is
+    still ours: the publisher is fenced by process, not by term."""
     loop = asyncio.get_running_loop()
-    renewed = loop.time()
+    interval = ttl / 3
+    await asyncio.sleep(max(0.0, renewed + interval - loop.time()))
     while True:
-        await asyncio.sleep(ttl / 3)
+        sent = loop.time()
+        deadline = renewed + ttl
         try:
-            token = await leadership.renew(publisher.fence)
-        except (RedisError, OSError) as exc:
-            if loop.time() - renewed > ttl:  # our lease has run out: assume another leads
-                raise LostLeadership(f"could not renew the lease for {ttl:g}s: {exc}") from exc
+            held = await asyncio.wait_for(leadership.claim(), max(0.0, min(interval, deadline - sent)))
+        except LEASE_ERRORS as exc:
+            if loop.time() >= deadline:  # our lease has run out: another may lead by now
+                raise LostLeadership(f"could not renew the lease for {ttl:g}s: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(min(interval / 4, max(0.0, deadline - loop.time())))
             continue
-        if token is None:
+        if held is None:
             raise LostLeadership("another ingestor holds the lease")
-        if token != publisher.fence:
-            log.info("lease taken again under a new epoch", extra={"token": token})
-            publisher.fence = token
-        renewed = loop.time()
+        if held != token:
+            log.info("lease taken again under a new term", extra={"token": held})
+            token = held
+        renewed = sent
+        await asyncio.sleep(max(0.0, sent + interval - loop.time()))
 
 
-async def _lead(settings: IngestorSettings, bus: Bus, leadership: Leadership, token: str,
-                sequencer: Sequencer, upstream_up: asyncio.Event, stop: asyncio.Event) -> bool:
-    """Stream while we lead. True when told to stop, False when leadership was lost."""
-    backoff = Backoff(settings.backoff_initial, settings.backoff_max)
-    sequencer.merge(await _retrying("loading last ticks", bus.last, backoff))
-    publisher = Publisher(bus, fence=token)
-    upstream = Upstream(
-        settings.upstream_urls,
-        settings.upstream_key.get_secret_value(),
-        settings.symbols,
-        lambda quote: publisher.put(sequencer.number(quote)),
-        headers=settings.upstream_headers,
-        silence_timeout=settings.silence_timeout,
-        backoff=Backoff(settings.backoff_initial, settings.backoff_max),
-        connected=upstream_up,
-    )
-    metrics.LEADER.set(1)
-    log.info("leading", extra={"token": token, "symbols": len(settings.symbols)})
-    streaming = asyncio.create_task(upstream.run())
-    tasks = [asyncio.create_task(publisher.run()),
-             asyncio.create_task(_hold(leadership, publisher, settings.leader_ttl))]
-    stopper = asyncio.create_task(stop.wait())
+def term_of(token: str) -> int | None:
+    """The term number in a lease token `{node}.{nonce}:{term}.{rand}` (None for "", no lease)."""
     try:
-        done, _ = await asyncio.wait([streaming, *tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        return int(token.rpartition(":")[2].partition(".")[0])
+    except ValueError:
+        return None
+
+
+async def _start_term(state: _State, settings: IngestorSettings, token: str) -> Publisher:
+    """Continue the positions from fx:last. Ticks our last term numbered but could not publish
+    (Redis hung or went away) go out first, unless another process may have numbered since: its
+    term came between ours, or fx:last moved past our memory. Then they are superseded."""
+    backoff = Backoff(settings.backoff_initial, min(settings.backoff_max, settings.leader_ttl / 3))
+    last = await _retrying("loading last ticks", state.bus.last, backoff, settings.leader_ttl / 3)
+    before = state.sequencer.positions()
+    state.sequencer.merge(last)
+    moved = any(state.sequencer.positions()[s] != p for s, p in before.items())
+    term, previous = term_of(token), state.term
+    # No term between ours, or Redis lost fx:epoch and nobody has published since.
+    ours_since = term is None or (previous is not None and term == previous + 1) or not last
+    state.term = term
+    if state.publisher is None or moved or not ours_since:
+        state.publisher = Publisher(state.bus, fence=state.fence)
+    return state.publisher
+
+
+async def _lead(settings: IngestorSettings, leadership: Leadership, token: str, claimed: float,
+                state: _State, stop: asyncio.Event) -> bool:
+    """Stream while we lead. True when told to stop, False when leadership was lost."""
+    holding = asyncio.create_task(_hold(leadership, settings.leader_ttl, claimed, token))
+    stopper = asyncio.create_task(stop.wait())
+    starting = asyncio.create_task(_start_term(state, settings, token))
+    tasks: list[asyncio.Task[Any]] = [holding, stopper, starting]
+    streaming: asyncio.Task[None] | None = None
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if starting in done:
+            publisher = starting.result()
+            sequencer = state.sequencer
+            upstream = Upstream(
+                settings.upstream_urls,
+                settings.upstream_key.get_secret_value(),
+                settings.symbols,
+                lambda quote: publisher.put(sequencer.number(quote)),
+                headers=settings.upstream_headers,
+                silence_timeout=settings.silence_timeout,
+                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+                connected=state.upstream_up,
+            )
+            state.leading = True
+            metrics.LEADER.set(1)
+            log.info("leading", extra={"token": token, "symbols": len(settings.symbols)})
+            streaming = asyncio.create_task(upstream.run())
+            publishing = asyncio.create_task(publisher.run())
+            tasks += [streaming, publishing]
+            done, _ = await asyncio.wait([holding, stopper, streaming, publishing],
+                                         return_when=asyncio.FIRST_COMPLETED)
         if stopper in done:
-            streaming.cancel()
-            if not await publisher.flush(2.0):
-                log.warning("ticks left unpublished at shutdown")
+            if streaming is not None:
+                streaming.cancel()
+                if state.publisher is not None and not await state.publisher.flush(2.0):
+                    log.warning("ticks left unpublished at shutdown")
             return True
         for task in done:
             try:
@@ -110,40 +189,56 @@ async def _lead(settings: IngestorSettings, bus: Bus, leadership: Leadership, to
             except (LostLeadership, Fenced) as exc:
                 # Leave the vendor at once: it allows one connection, and the new leader needs it.
                 log.warning("lost leadership, standing down", extra={"reason": str(exc)})
+                if isinstance(exc, Fenced):
+                    state.publisher = None  # its ticks are superseded by the other leader's
                 return False
         raise RuntimeError("an ingestor task ended by itself")  # pragma: no cover
     finally:
+        state.leading = False
         metrics.LEADER.set(0)
-        for task in (streaming, *tasks, stopper):
+        for task in tasks:
             task.cancel()
-        for task in (streaming, *tasks, stopper):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, LostLeadership, Fenced):
                 await task
-        if stop.is_set():
-            with contextlib.suppress(RedisError, OSError):
-                await leadership.release(publisher.fence)
 
 
 async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event,
                        leadership: Leadership | None = None) -> None:
+    """Run until `stop` is set; releases the lease and closes `leadership` at the end."""
     if not settings.upstream_urls:
         raise ValueError("FXPROXY_UPSTREAM_URLS is empty: name at least one upstream WebSocket URL")
     if not settings.symbols:
         raise ValueError("FXPROXY_SYMBOLS is empty: name the symbols to stream")
     leadership = leadership or SoleLeader()
-    upstream_up = asyncio.Event()
-    sequencer = Sequencer()  # outlives terms: a Redis that lost its data must not restart seq
+    # Outlives terms: a Redis that lost its data must not restart seq, and ticks a term left
+    # unpublished go out first when this process leads again.
+    state = _State(bus, leadership.fence)
+    probe = BusProbe(bus.ping, interval=0.5, timeout=1.5,
+                     on_change=lambda ok: metrics.BUS_UP.set(1 if ok else 0))
+    metrics.BUS_UP.set(1)
+    probing = asyncio.create_task(probe.run())
     health = None
     if settings.metrics_port:
-        health = await serve_health(settings.metrics_host, settings.metrics_port, upstream_up.is_set)
+        health = await serve_health(
+            settings.metrics_host, settings.metrics_port,
+            lambda: state.leading and state.upstream_up.is_set() and probe.ok)
     log.info("ingestor started", extra={"symbols": len(settings.symbols),
                                         "upstreams": len(settings.upstream_urls)})
     try:
         while True:
-            token = await _campaign(leadership, settings, stop)
-            if token is None or await _lead(settings, bus, leadership, token, sequencer, upstream_up, stop):
+            won = await _campaign(leadership, settings.leader_ttl, stop)
+            if won is None or await _lead(settings, leadership, *won, state, stop):
                 break
     finally:
+        # After leaving the vendor: a standby may take over at once. Also frees a lease that a
+        # claim won while its reply was lost.
+        with contextlib.suppress(*LEASE_ERRORS):
+            await asyncio.wait_for(leadership.release(), settings.leader_ttl / 3)
+        probing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probing
         if health is not None:
             health.close()
+        await leadership.close()
         log.info("ingestor stopped")

@@ -12,3 +12,4 @@ RECONNECTS = Counter("fxproxy_ingestor_upstream_reconnects", "Upstream connectio
 UPSTREAM_UP = Gauge("fxproxy_ingestor_upstream_connected", "1 while logged in upstream")
 QUEUE = Gauge("fxproxy_ingestor_publish_queue", "Ticks waiting to be published")
 LEADER = Gauge("fxproxy_ingestor_leader", "1 while this ingestor holds the leader lease")
+BUS_UP = Gauge("fxproxy_ingestor_bus_up", "1 while Redis answers a ping within its deadline")

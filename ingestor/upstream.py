@@ -56,6 +56,7 @@ class Upstream:
         self._backoff = backoff or Backoff()
         self._open_timeout = open_timeout
         self.connected = connected or asyncio.Event()
+        self._delivered = False  # the current session has delivered a quote
 
     async def run(self) -> None:
         """Stay connected until cancelled, moving to the next URL after each failure."""
@@ -63,6 +64,7 @@ class Upstream:
         while True:
             url = self._urls[attempt % len(self._urls)]
             shown = loggable(url)
+            self._delivered = False
             try:
                 await self._session(url)
                 log.warning("upstream closed the connection", extra={"url": shown})
@@ -74,6 +76,9 @@ class Upstream:
                     metrics.UPSTREAM_UP.set(0)
             attempt += 1
             metrics.RECONNECTS.inc()
+            if self._delivered:
+                # A login that delivered quotes was a good one: the next failure starts over.
+                self._backoff.reset()
             delay = self._backoff.next_delay()
             log.info("reconnecting upstream", extra={"in_s": round(delay, 2)})
             await asyncio.sleep(delay)
@@ -120,6 +125,7 @@ class Upstream:
                 self._notice(raw)
                 continue
             metrics.QUOTES_RECEIVED.inc()
+            self._delivered = True
             self._on_quote(quote)
 
     async def _watch_silence(self, ws: ClientConnection) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -146,3 +148,45 @@ async def test_simfeed_streams_random_walk_quotes_with_bid_below_ask(simfeed: st
     assert {q.symbol for q in quotes} == {"EURUSD", "USDJPY"}
     assert all(q.bid < q.ask for q in quotes)
     assert len({q.bid for q in quotes if q.symbol == "EURUSD"}) > 1  # it moves
+
+
+class CeilingRng(random.Random):
+    """Jitter off: every delay is its ceiling, so the test can tell one attempt from the next."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def reconnect_gaps(deliver: bool, sessions: int = 4) -> list[float]:
+    """Seconds between a vendor's connections when each session ends after (or without) a quote."""
+    connected: list[float] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        connected.append(asyncio.get_running_loop().time())
+        await ws.send("Connected")
+        await ws.recv()
+        if deliver:
+            await ws.send(tick())
+            await asyncio.sleep(0.05)
+        await ws.close()  # the vendor drops us
+
+    quotes: list[Quote] = []
+    async with vendor(handler) as url:
+        up = Upstream([url], "secret", ["EURUSD"], quotes.append,
+                      backoff=Backoff(0.2, 5.0, rng=CeilingRng()))
+        task = asyncio.create_task(up.run())
+        for _ in range(300):
+            if len(connected) >= sessions:
+                break
+            await asyncio.sleep(0.02)
+        await stop(task)
+    assert len(connected) >= sessions
+    return [b - a for a, b in itertools.pairwise(connected)][: sessions - 1]
+
+
+async def test_reconnect_delay_starts_over_after_a_login_that_delivered_quotes() -> None:
+    good = await reconnect_gaps(deliver=True)
+    bad = await reconnect_gaps(deliver=False)
+    # 0.2 s backoff plus the 0.05 s session each time; without a reset: 0.25, 0.45, 0.85 s
+    assert all(gap < 0.4 for gap in good), f"delays after good logins grew: {good}"
+    assert bad[-1] > 0.7, f"failed logins must still back off exponentially: {bad}"
