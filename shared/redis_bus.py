@@ -139,19 +139,32 @@ if fence ~= '' then
   local holder = redis.call('GET', KEYS[2])
   if holder and string.sub(holder, 1, #fence + 1) ~= fence .. ':' then return -1 end
 end
+local function position(payload)
+  local epoch, seq = string.match(payload, '"epoch":"([^"]*)","seq":(%d+)')
+  return epoch, tonumber(seq)
+end
+-- True when fx:last already holds this position or a later one of the same epoch: the tick
+-- is a replay (a retried batch, or a late leader's queue while no lease was held).
+local function seen(symbol, payload)
+  local current = redis.call('HGET', KEYS[1], symbol)
+  if not current then return false end
+  local e1, s1 = position(current)
+  local e2, s2 = position(payload)
+  return e1 == e2 and s1 ~= nil and s2 ~= nil and s1 >= s2
+end
 local latest, failed = {}, 0
 for i = 5, #ARGV, 3 do
   local symbol, payload = ARGV[i], ARGV[i + 2]
   redis.call('PUBLISH', tick .. symbol, payload)
   -- seq 1 opens a new epoch: the history of the old one would block its stream ids
-  if ARGV[i + 1] == '1' then redis.call('DEL', hist .. symbol) end
+  if ARGV[i + 1] == '1' and not seen(symbol, payload) then redis.call('DEL', hist .. symbol) end
   local ok = redis.pcall('XADD', hist .. symbol, 'MAXLEN', '~', maxlen,
                          ARGV[i + 1] .. '-0', 'p', payload)
   if type(ok) == 'table' and ok.err then failed = failed + 1 end
   latest[symbol] = payload
 end
 for symbol, payload in pairs(latest) do
-  redis.call('HSET', KEYS[1], symbol, payload)
+  if not seen(symbol, payload) then redis.call('HSET', KEYS[1], symbol, payload) end
 end
 return failed
 """

@@ -115,3 +115,19 @@ async def test_standby_takes_over_the_vendor_connection_without_a_seq_gap(cluste
     logins = feed.log[len(feed_log_before):].count("client logged in")
     assert logins == 2  # the leader, then the standby after it died: never both at once
     assert "standing by" in ingestors[standby].log
+
+
+async def test_a_replayed_batch_never_moves_last_back_nor_wipes_history(redis_url: str) -> None:
+    from shared.tick import position_of
+
+    bus = RedisBus.from_url(redis_url)
+
+    def msg(seq: int) -> Message:
+        return Message("EURUSD", seq, encode_tick(Tick("EURUSD", 1.1, 1.2, 1.15, 1, "e1", seq)))
+
+    await bus.publish([msg(1), msg(2), msg(3)])
+    await bus.publish([msg(1), msg(2)])  # a late leader's stale queue, with no lease held
+    last = await bus.last(["EURUSD"])
+    assert position_of(last["EURUSD"]).seq == 3
+    assert [position_of(p).seq for p in await bus.history("EURUSD", 0, 10)] == [1, 2, 3]
+    await bus.close()
