@@ -5,9 +5,10 @@ demo:            ## run the whole pipeline in one process, no Redis needed
 	@scripts/bootstrap
 	.venv/bin/fxproxy demo
 
-test:            ## unit, component, integration (real redis-server) and nginx end-to-end tests
+test:            ## unit, component, integration (real redis-server), fault, attack and nginx tests
 	@scripts/bootstrap
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -m "not slow"
+	.venv/bin/python -m pytest -q -m slow -n 3  # fault tests that mostly wait: in parallel
 
 lint:            ## ruff and mypy --strict
 	@scripts/bootstrap

@@ -148,11 +148,13 @@ class Hub:
             return
         self._take(symbol, stream, payload, repair=True)
 
-    def _take(self, symbol: str, stream: Stream, payload: bytes, repair: bool) -> None:
+    def _take(self, symbol: str, stream: Stream, payload: bytes, repair: bool) -> bool:
+        """Deliver one tick in order; True if it came after a hole that was announced."""
         try:
             pos = position_of(payload)
         except ValueError:
-            return
+            return False
+        hole = False
         last = stream.position
         if last is not None:
             if pos.epoch != last.epoch:
@@ -161,13 +163,14 @@ class Hub:
                 self._announce(stream, symbol, pos.epoch, "stream restarted: history lost")
             elif pos.seq <= last.seq:
                 metrics.DUPLICATES.inc()
-                return
+                return False
             elif pos.seq != last.seq + 1:
                 metrics.GAPS.inc()
                 if repair:
                     stream.held = [payload]
-                    self._spawn(self._repair(symbol, stream, last, pos.seq - last.seq - 1))
-                    return
+                    self._spawn(self._repair(symbol, stream, last))
+                    return False
+                hole = True
                 metrics.GAPS_UNRECOVERABLE.inc()
                 log.warning("gap not recoverable", extra={"symbol": symbol, "after": last.seq,
                                                           "next": pos.seq})
@@ -176,6 +179,7 @@ class Hub:
         if stream.gates:
             self._open_gates(stream, pos)
         self._deliver(symbol, stream, payload)
+        return hole
 
     def _deliver(self, symbol: str, stream: Stream, payload: bytes) -> None:
         """Frame once, hand the same bytes to every subscriber."""
@@ -213,34 +217,29 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _repair(self, symbol: str, stream: Stream, after: Position, missing: int | None) -> None:
-        """Fill a gap after `after` from history (`missing` ticks, or as many as there are)."""
+    async def _repair(self, symbol: str, stream: Stream, after: Position) -> None:
+        """Fill a gap after `after` from history."""
         found: list[bytes] = []
         try:
             async with asyncio.timeout(self._repair_timeout):
-                found = await self._history(symbol, after.seq, missing or self._replay_limit)
+                # Read past the gap too: what lies after a hole in history still goes out.
+                found = await self._history(symbol, after.seq, self._replay_limit)
         except Exception as exc:  # any failure ends in a reset, never in a silent gap
             log.warning("history read failed during repair", extra={"symbol": symbol, "error": repr(exc)})
         if self._streams.get(symbol) is stream:
             self._finish_repair(symbol, stream, found)
 
     def _finish_repair(self, symbol: str, stream: Stream, found: list[bytes]) -> None:
+        """Deliver what history had, then the held live ticks; any hole left is announced.
+
+        Ticks history holds after a hole still go out (after the reset), not just the live ones.
+        """
         held, stream.held = stream.held or [], None
         before = stream.position
-        filled = 0
-        for payload in found:
-            try:
-                pos = position_of(payload)
-            except ValueError:
-                break
-            if stream.position is None or pos.epoch != stream.position.epoch:
-                break
-            if pos.seq == stream.position.seq + 1:
-                self._take(symbol, stream, payload, repair=False)
-                filled += 1
-        if filled and held and before is not None:
+        holes = sum(self._take(symbol, stream, payload, repair=False) for payload in found)
+        if found and not holes and stream.position != before:
             metrics.GAPS_REPAIRED.inc()
-            log.info("gap repaired from history", extra={"symbol": symbol, "ticks": filled})
+            log.info("gap repaired from history", extra={"symbol": symbol, "ticks": len(found)})
         for payload in held:
             self._take(symbol, stream, payload, repair=False)
 
@@ -249,7 +248,7 @@ class Hub:
         for symbol, stream in self._streams.items():
             if stream.position is not None and stream.held is None:
                 stream.held = []
-                self._spawn(self._repair(symbol, stream, stream.position, None))
+                self._spawn(self._repair(symbol, stream, stream.position))
 
     async def close(self) -> None:
         for task in list(self._tasks):

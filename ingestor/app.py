@@ -39,6 +39,10 @@ class LostLeadership(Exception):
     pass
 
 
+class _GivingWay(Exception):
+    """This round, a node with positions in memory goes first."""
+
+
 @dataclass
 class _State:
     """What outlives a term: positions, unpublished ticks, and what /readyz reports."""
@@ -65,16 +69,30 @@ async def _retrying(what: str, call: Callable[[], Awaitable[T]], backoff: Backof
             await asyncio.sleep(delay)
 
 
-async def _campaign(leadership: Leadership, ttl: float, stop: asyncio.Event) -> tuple[str, float] | None:
+async def _campaign(leadership: Leadership, ttl: float, stop: asyncio.Event,
+                    state: _State | None = None) -> tuple[str, float] | None:
     """Claim every ttl/3 until this node leads: (token, when the winning claim was sent), or None
-    once told to stop. A claim that timed out may have run in Redis; the next one adopts it."""
+    once told to stop. A claim that timed out may have run in Redis; the next one adopts it.
+
+    A node that holds no positions of its own gives way for one TTL when Redis holds none either
+    (it lost its data): a node that still has them in memory then leads and continues every
+    symbol, instead of this one starting new epochs. At the very first start that costs one TTL.
+    """
     loop = asyncio.get_running_loop()
     interval = ttl / 3
     announced = failing = False
+    empty_since: float | None = None
     while not stop.is_set():
         sent = loop.time()
         try:
+            if state is not None and not state.sequencer.positions():
+                empty = not await asyncio.wait_for(state.bus.last(), interval)
+                empty_since = (empty_since or sent) if empty else None
+                if empty_since is not None and sent - empty_since < ttl:
+                    raise _GivingWay()
             token = await asyncio.wait_for(leadership.claim(), interval)
+        except _GivingWay:
+            pass
         except LEASE_ERRORS as exc:
             if not failing:
                 log.warning("leader election: Redis not answering",
@@ -227,7 +245,8 @@ async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event
                                         "upstreams": len(settings.upstream_urls)})
     try:
         while True:
-            won = await _campaign(leadership, settings.leader_ttl, stop)
+            # With nobody to elect against (fence ""), there is nobody to give way to either.
+            won = await _campaign(leadership, settings.leader_ttl, stop, state if state.fence else None)
             if won is None or await _lead(settings, leadership, *won, state, stop):
                 break
     finally:

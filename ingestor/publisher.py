@@ -50,6 +50,11 @@ class Publisher:
                 metrics.QUEUE.set(len(self._queue))
                 try:
                     await self._bus.publish(batch, self.fence)
+                except asyncio.CancelledError:
+                    # The term ended mid-call: keep the batch for the next one (it may have run
+                    # in Redis already; a replay is harmless, a lost batch is a hole in history).
+                    self._queue.extendleft(reversed(batch))
+                    raise
                 except (RedisError, OSError) as exc:
                     # Keep the batch: edges drop duplicate seqs, so a retry never shows twice.
                     self._queue.extendleft(reversed(batch))

@@ -3,7 +3,6 @@ print each scenario's measured summary line even when pytest captures output."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,10 +19,8 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def persistent_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own with AOF (appendfsync everysec), as shipped; its data
-    dir survives stop()/start(). Skips if tests/support/redis_server.py has no persistent mode."""
-    if "persistent" not in inspect.signature(RedisServer).parameters:
-        pytest.skip("tests/support/redis_server.py has no persistent (AOF) RedisServer yet")
-    server = RedisServer(persistent=True)  # type: ignore[call-arg,unused-ignore]
+    dir survives stop()/start()."""
+    server = RedisServer(persistent=True)
     server.start()
     try:
         yield server

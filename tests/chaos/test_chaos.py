@@ -321,20 +321,6 @@ async def test_redis_down_past_ttl_without_persistence_announces_lost_history(
                  flow_from=back, bound=TTL / 3 + 2.5, resets_allowed=True)
 
 
-BATCH_LOST = (
-    "ingestor drops the batch it is publishing when it loses leadership: Publisher.run pops a "
-    "batch, `await bus.publish()` is cancelled by _lead's finally (LostLeadership after a TTL "
-    "without Redis), and only RedisError/OSError put the batch back; the ticks it numbered are "
-    "never published, fx:hist has a hole, edges send reset 'ticks A-B lost' though Redis kept "
-    "its data and the ingestor had those ticks"
-)
-
-
-def gap_resets_only(result: Result) -> bool:
-    reasons = [str(r.get("reason", "")) for r in result.resets]
-    return bool(reasons) and all(r.startswith("ticks ") and r.endswith(" lost") for r in reasons)
-
-
 async def test_redis_down_past_ttl_with_aof_resumes_without_reset(
         procs: StartProc, persistent_redis: RedisServer, rigs: list[Rig], say: Say) -> None:
     rig = await start_rig(Cluster(procs, persistent_redis.url), persistent_redis)
@@ -347,14 +333,9 @@ async def test_redis_down_past_ttl_with_aof_resumes_without_reset(
     back = now()
     result = await finish(rig, say, f"kill -9 Redis (AOF everysec), restart after {2 * TTL:g}s",
                           fault_at=fault, flow_from=back, bound=TTL / 3 + 2.5, resets_allowed=True)
-    if gap_resets_only(result):
-        # Whether a publish is in flight when the leader stands down is a matter of timing here;
-        # test_redis_hung_then_killed_with_aof_loses_no_numbered_tick shows it every time.
-        pytest.xfail(BATCH_LOST)
     assert not result.resets, f"data survived, yet: {result.resets}"
 
 
-@pytest.mark.xfail(strict=True, reason=BATCH_LOST)
 async def test_redis_hung_then_killed_with_aof_loses_no_numbered_tick(
         procs: StartProc, persistent_redis: RedisServer, rigs: list[Rig], say: Say) -> None:
     """Redis hangs (the leader's publish is in flight, unanswered), its supervisor kills it after

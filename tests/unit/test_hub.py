@@ -88,7 +88,7 @@ async def test_a_gap_is_filled_from_history_before_later_ticks_go_out() -> None:
     hub.on_tick("EURUSD", tick(5))  # arrives while history is read: held
     assert a.seen == []
     await settle()
-    assert history.calls == [(1, 2)]
+    assert history.calls == [(1, 1000)]
     assert a.seen == [2, 3, 4, 5]
 
 
@@ -97,7 +97,16 @@ async def test_a_gap_history_cannot_fill_is_announced_with_a_reset() -> None:
     hub = await hub_with(History(3), a)  # history lost seq 2
     hub.on_tick("EURUSD", tick(4))
     await settle()
-    assert a.seen == [("reset", "e1"), 4]
+    assert a.seen == [("reset", "e1"), 3, 4]
+
+
+async def test_what_history_holds_after_a_hole_still_goes_out_after_the_reset() -> None:
+    a = Recorder()
+    hub = await hub_with(History(2, 5, 6), a)  # history lost 3 and 4
+    hub.on_tick("EURUSD", tick(6))
+    hub.on_tick("EURUSD", tick(7))
+    await settle()
+    assert a.seen == [2, ("reset", "e1"), 5, 6, 7]
 
 
 async def test_a_hung_history_read_ends_in_a_reset_after_the_repair_timeout() -> None:
