@@ -39,7 +39,9 @@ log = logging.getLogger("fxproxy.edge")
 NATIVE_PATH = "/v1/stream"
 TRADERMADE_PATH = "/feedadv"
 CLOSE_TIMEOUT = 2.0  # seconds a client gets to answer our close frame before we half-close
-READ_SLICE = 4096  # bytes parsed per loop turn: a flood on one connection cannot hold the loop
+READ_SLICE = 1024  # bytes parsed per loop turn (~170 empty frames, ~1 ms): no flood holds the loop
+CLOSING_PARSE = 1024  # bytes still parsed after our close frame, to find the client's answer
+CLOSING_LIMIT = 65536  # bytes a closing client may still send before it is cut off
 NOTSENT_LOWAT = 65536  # unsent bytes the kernel may hold for a client: backpressure shows early
 _PROBE = struct.Struct("!4sQ")  # lag probe ping payload: tag, sequence number
 
@@ -66,6 +68,8 @@ class Connection(asyncio.Protocol):
         self._rx_scheduled = False
         self._rx_held = False  # an upgrade is in progress: keep what follows the request
         self._rx_eof = False
+        self._rx_after_close = 0  # bytes received once our close frame was sent
+        self._parsed_after_close = 0
         self._rx_bytes = 0  # bytes received before the upgrade (handshake cap)
         self._paused_for: set[str] = set()
         self._eof_sent = False
@@ -111,6 +115,11 @@ class Connection(asyncio.Protocol):
             self._rx_bytes += len(data)
             if self._rx_bytes > self.server.settings.max_handshake_bytes:
                 metrics.HANDSHAKES_REJECTED.labels("too_large").inc()
+                self.abort()
+                return
+        if self.ws.close_sent is not None:
+            self._rx_after_close += len(data)
+            if self._rx_after_close > CLOSING_LIMIT:  # a closing client that keeps sending
                 self.abort()
                 return
         self._rx += data
@@ -176,6 +185,12 @@ class Connection(asyncio.Protocol):
         if self.lost or self._rx_held:
             return
         n = READ_SLICE
+        if self.ws.close_sent is not None:
+            # Parse only enough to see the client's answer to our close; drop the rest unparsed.
+            n = max(0, min(n, CLOSING_PARSE - self._parsed_after_close))
+            if n == 0:
+                self._rx.clear()
+            self._parsed_after_close += n
         if not self.upgraded:
             end = self._rx.find(b"\r\n\r\n")
             n = min(n, end + 4) if end >= 0 else n

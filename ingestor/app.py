@@ -54,6 +54,7 @@ class _State:
     term: int | None = None  # the term number of our last token
     upstream_up: asyncio.Event = field(default_factory=asyncio.Event)
     leading: bool = False
+    saw_data: bool = False  # fx:last held ticks once: if it is empty now, Redis lost them
 
 
 async def _retrying(what: str, call: Callable[[], Awaitable[T]], backoff: Backoff,
@@ -74,9 +75,9 @@ async def _campaign(leadership: Leadership, ttl: float, stop: asyncio.Event,
     """Claim every ttl/3 until this node leads: (token, when the winning claim was sent), or None
     once told to stop. A claim that timed out may have run in Redis; the next one adopts it.
 
-    A node that holds no positions of its own gives way for one TTL when Redis holds none either
-    (it lost its data): a node that still has them in memory then leads and continues every
-    symbol, instead of this one starting new epochs. At the very first start that costs one TTL.
+    A node that holds no positions of its own gives way for one TTL when Redis, which it has seen
+    holding some, holds none any more (it lost its data): a node that still has them in memory
+    then leads and continues every symbol, instead of this one starting new epochs.
     """
     loop = asyncio.get_running_loop()
     interval = ttl / 3
@@ -87,7 +88,8 @@ async def _campaign(leadership: Leadership, ttl: float, stop: asyncio.Event,
         try:
             if state is not None and not state.sequencer.positions():
                 empty = not await asyncio.wait_for(state.bus.last(), interval)
-                empty_since = (empty_since or sent) if empty else None
+                state.saw_data = state.saw_data or not empty
+                empty_since = (empty_since or sent) if empty and state.saw_data else None
                 if empty_since is not None and sent - empty_since < ttl:
                     raise _GivingWay()
             token = await asyncio.wait_for(leadership.claim(), interval)

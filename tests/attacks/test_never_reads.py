@@ -72,11 +72,6 @@ async def test_keyless_client_sending_pings_and_never_reading_grows_edge_under_2
     assert flood.rss_growth_mb < 20.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edge bug: after closing the flooder with 1008 (about 40 frames in) the edge keeps reading and "
-    "parsing its pings at full speed for as long as the connection lingers (up to CLOSE_TIMEOUT + "
-    "2 x FXPROXY_PING_INTERVAL, 42 s at defaults): 7.6-8.0 s of edge CPU in 8 s, the neighbour's "
-    "worst gap 23-25 -> 53-61 ms"))
 async def test_closed_client_that_keeps_sending_pings_and_never_reads_does_not_pin_edge_cpu(
     cluster: Cluster,
 ) -> None:
