@@ -8,7 +8,7 @@ demo:            ## run the whole pipeline in one process, no Redis needed
 test:            ## unit, component, integration (real redis-server), fault, attack and nginx tests
 	@scripts/bootstrap
 	.venv/bin/python -m pytest -q -m "not slow"
-	.venv/bin/python -m pytest -q -m slow -n 3  # fault tests that mostly wait: in parallel
+	.venv/bin/python -m pytest -q -m slow -n 2  # fault tests that mostly wait: in parallel
 
 lint:            ## ruff and mypy --strict
 	@scripts/bootstrap

@@ -1,5 +1,5 @@
-"""Fixtures of the chaos tests: a persistent (AOF) redis-server, the `slow` marker, and a way to
-print each scenario's measured summary line even when pytest captures output."""
+"""Fixtures of the chaos tests: a persistent (AOF) redis-server, and a way to print each
+scenario's measured summary line even when pytest captures output."""
 
 from __future__ import annotations
 
@@ -8,12 +8,6 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.support.redis_server import RedisServer
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not any(str(line).startswith("slow:") for line in config.getini("markers")):
-        config.addinivalue_line("markers", "slow: a chaos scenario that takes more than ~15 s")
-    config.addinivalue_line("markers", "chaos: kills, freezes and restarts real processes under witnesses")
 
 
 @pytest.fixture

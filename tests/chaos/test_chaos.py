@@ -33,7 +33,7 @@ from tests.support.procs import Proc
 from tests.support.redis_server import RedisServer
 from tests.support.witness import Witness
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
 
 TTL = 1.0  # FXPROXY_LEADER_TTL of the ingestors
 ALL = SYMBOLS.split(",")

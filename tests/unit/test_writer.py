@@ -76,7 +76,7 @@ async def test_catching_up_in_time_cancels_slow_close() -> None:
 
 
 async def test_replies_past_the_budget_close_the_client_instead_of_growing() -> None:
-    writer, transport, events = make(budget=100)
+    writer, _, events = make(budget=100)
     writer.pause()
     assert all(writer.send(b"x" * 30) for _ in range(3))
     assert not writer.send(b"x" * 30)
