@@ -43,6 +43,18 @@ def newest(live: Last | None, stored: bytes | None) -> Last | None:
     return from_store
 
 
+def replay_size(since: Since, live: Last | None, stored: bytes | None, replay_limit: int) -> int:
+    """How many ticks a replay after `since` needs: 0 when none is needed or none can be given.
+
+    Lets the caller read no history at all for a resume that will be refused anyway.
+    """
+    top = newest(live, stored)
+    if top is None or (since.epoch or top[0].epoch) != top[0].epoch:
+        return 0
+    need = top[0].seq - since.seq
+    return need if 0 < need <= replay_limit else 0
+
+
 def catch_up(since: Since | None, live: Last | None, stored: bytes | None,
              history: list[bytes] | None, replay_limit: int, byte_budget: int) -> CatchUp | None:
     """Plan one symbol's catch-up; None when the symbol has never ticked (unknown)."""

@@ -18,7 +18,7 @@ from websockets.protocol import OPEN
 
 from edge import metrics
 from edge import protocol as proto
-from edge.catchup import CatchUp, catch_up
+from edge.catchup import CatchUp, catch_up, replay_size
 from edge.protocol import CloseCode, ErrorCode, FrameError
 from shared.keystore import KeyRecord, hash_key
 from shared.tick import to_tradermade
@@ -200,22 +200,34 @@ class Commands:
             hub.release([s for s in wanted if s not in attached])
 
     async def _catch_up(self, wanted: list[str], since: dict[str, proto.Since]) -> dict[str, CatchUp | None]:
-        """Read Redis, then plan each symbol against the hub as it is now (see edge/catchup.py)."""
-        server = self.conn.server
+        """Read Redis, then plan each symbol against the hub as it is now (see edge/catchup.py).
+
+        History is read only for replays that can be given, and only as much as each needs:
+        what a replay may cost comes out of the client's buffer budget, across all its symbols.
+        """
+        server, writer = self.conn.server, self.conn.writer
+        assert writer is not None
         hub, bus, limit = server.hub, server.bus, server.settings.replay_limit
         await hub.synced()  # subscribed before reading, so the snapshot and the stream meet
         stored = await bus.last(wanted)
-        history = {s: await bus.history(s, since[s].seq, limit) for s in wanted if s in since}
-        assert self.conn.writer is not None
-        for attempt in range(HISTORY_READS):
-            room = self.conn.writer.room() // 2
-            plans = {s: catch_up(since.get(s), hub.last(s), stored.get(s), history.get(s), limit, room)
-                     for s in wanted}
-            short = [s for s, p in plans.items() if p is not None and p.short]
-            if not short or attempt == HISTORY_READS - 1 or not self._live:
+        history: dict[str, list[bytes]] = {}
+        for _ in range(HISTORY_READS):
+            room = writer.room() // 2
+            for s, at in since.items():
+                n = replay_size(at, hub.last(s), stored.get(s), limit)
+                size = n * len(stored.get(s) or b"")
+                if n and size <= room and len(history.get(s, ())) < n:
+                    history[s] = await bus.history(s, at.seq, n)
+                    room -= size
+            plans: dict[str, CatchUp | None] = {}
+            room = writer.room() // 2
+            for s in wanted:
+                plan = plans[s] = catch_up(since.get(s), hub.last(s), stored.get(s), history.get(s),
+                                           limit, room)
+                room -= sum(map(len, plan.frames)) if plan is not None else 0
+            # The stream moved on while we read: read the rest, a bounded number of times.
+            if not any(p is not None and p.short for p in plans.values()) or not self._live:
                 break
-            for s in short:  # the stream moved on while we read: read the rest
-                history[s] = await bus.history(s, since[s].seq, limit)
         return plans
 
     def _symbol_error(self, code: ErrorCode, what: str, symbols: list[str], id: proto.Id) -> None:
