@@ -225,6 +225,23 @@ def node_available() -> str | None:
     return reason
 
 
+def baseline_edge(ref: str) -> ServerSpec:
+    """The edge as it was at git `ref` (a worktree under bench/.build), to compare a change with
+    its own past in the same run: same publisher, same load client, same cores."""
+    tree = BUILD_DIR / f"edge-{ref}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(REPO_DIR), "worktree", "add", "--detach", str(tree), ref],
+                       check=True, capture_output=True)
+    # Import that tree's packages, not the editable install's (a meta path finder) of this one.
+    main = (f"import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'ditable' not in "
+            f"repr(f)]; sys.path.insert(0, {str(tree)!r}); from fxproxy.cli import main; sys.exit(main())")
+
+    def argv(ctx: Ctx) -> list[str]:
+        return [PYTHON, "-c", main, "edge", "--port", str(ctx.port)]
+
+    return ServerSpec(f"edge@{ref}", argv, edge_env, edge_available, "fxproxy_edge_")
+
+
 SERVERS: dict[str, ServerSpec] = {
     "edge": ServerSpec("edge", edge_argv, edge_env, edge_available, "fxproxy_edge_"),
     "naive": ServerSpec("naive", naive_argv("naive"), no_env, always),
@@ -887,6 +904,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra environment for the edge",
     )
+    p.add_argument(
+        "--baseline-ref",
+        action="append",
+        default=[],
+        metavar="GIT_REF",
+        help="also run the edge as it was at this git ref (a worktree in bench/.build), e.g. HEAD~5",
+    )
     p.add_argument("--json", action="store_true", help="print results as JSON instead of tables")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -896,6 +920,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         servers = list(ALL_SERVERS)
     else:
         servers = ["edge"]
+    for ref in args.baseline_ref:
+        spec = baseline_edge(ref)
+        SERVERS[spec.name] = spec
+        servers.append(spec.name)
     bad = [s for s in servers if s not in SERVERS]
     if bad:
         p.error(f"unknown server(s): {', '.join(bad)}")

@@ -122,6 +122,10 @@ class Connection(asyncio.Protocol):
             if self._rx_after_close > CLOSING_LIMIT:  # a closing client that keeps sending
                 self.abort()
                 return
+        if not self._rx and not self._rx_scheduled and self.upgraded and len(data) <= READ_SLICE \
+                and self.ws.close_sent is None:
+            self._parse(data)  # the common case, a small read: no copies
+            return
         self._rx += data
         if not self._rx_scheduled:
             self._feed()
@@ -196,11 +200,7 @@ class Connection(asyncio.Protocol):
             n = min(n, end + 4) if end >= 0 else n
         chunk = bytes(self._rx[:n])
         del self._rx[:n]
-        try:
-            self.ws.receive_data(chunk)
-        except (AssertionError, EOFError):  # bytes after the end of the conversation
-            self._rx.clear()
-        self._handle_events()
+        self._parse(chunk)
         if self._rx and not self._rx_held and not self.lost:
             self._pause_reading("slice")
             self._rx_scheduled = True
@@ -209,6 +209,13 @@ class Connection(asyncio.Protocol):
             self._resume_reading("slice")
             if self._rx_eof and not self._rx_held:
                 self._end_of_input()
+
+    def _parse(self, chunk: bytes) -> None:
+        try:
+            self.ws.receive_data(chunk)
+        except (AssertionError, EOFError):  # bytes after the end of the conversation
+            self._rx.clear()
+        self._handle_events()
 
     def _handle_events(self) -> None:
         # Pongs made while parsing answer pings that came before anything completed in this slice.
@@ -356,8 +363,8 @@ class Connection(asyncio.Protocol):
                 log.info("client lagging", extra={"key": self.session.key_name, "ip": self.peer_ip})
                 writer.set_lagging(True)
             return
-        if writer.ticks_sent or writer.lagging:
-            writer.ticks_sent = 0
+        if writer.wrote or writer.lagging:
+            writer.wrote = False
             self._probe_seq += 1
             self._probe_sent = now
             self.ws.send_ping(_PROBE.pack(b"lag?", self._probe_seq))

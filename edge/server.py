@@ -211,15 +211,24 @@ class EdgeServer:
             for conn in list(self.connections):
                 conn.reap(now, 2 * self.settings.ping_interval)
 
-    async def lag_probes(self) -> None:
-        """Probe how far behind each client reads, twice per FXPROXY_MAX_LAG."""
+    async def lag_probes(self, step: float = 0.1) -> None:
+        """Probe how far behind each client reads, once per FXPROXY_MAX_LAG: a client that stops
+        reading is found lagging within 2 x FXPROXY_MAX_LAG (one probe on its way, one overdue).
+
+        Spread over the interval (each `step`, the connections of one phase), so probes and
+        their answers never arrive as one burst that delays ticks.
+        """
         max_lag = self.settings.max_lag
+        phases = max(1, round(max_lag / step))
         loop = asyncio.get_running_loop()
+        phase = 0
         while True:
-            await asyncio.sleep(max_lag / 2)
+            await asyncio.sleep(max_lag / phases)
             now = loop.time()
             for conn in list(self.connections):
-                conn.probe(now, max_lag)
+                if conn.serial % phases == phase:
+                    conn.probe(now, max_lag)
+            phase = (phase + 1) % phases
 
     async def drain(self, timeout: float) -> None:
         """Refuse new clients, then close existing ones with 1001 spread over `timeout`."""

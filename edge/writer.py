@@ -47,7 +47,7 @@ class Writer:
     __slots__ = (
         "_flusher", "_on_slow", "_slow_timeout", "_slow_timer", "_transport", "budget",
         "closed", "conflated", "dirty", "lagging", "mark_conflated", "paused", "pending",
-        "pending_bytes", "sealed", "ticks_sent",
+        "pending_bytes", "sealed", "wrote",
     )
 
     def __init__(
@@ -64,7 +64,7 @@ class Writer:
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.conflated: dict[str, tuple[bytes, bool]] = {}
-        self.ticks_sent = 0  # ticks queued since the last lag probe
+        self.wrote = False  # something was written since the last lag probe
         self.dirty = False
         self.paused = False
         self.lagging = False
@@ -94,16 +94,19 @@ class Writer:
         return True
 
     def send_tick(self, symbol: str, frame: bytes) -> None:
-        if self.sealed:
+        # The hot path: called once per delivery, so the common case is inlined.
+        if self.paused or self.lagging or self.sealed:
+            if not self.sealed:
+                old = self.conflated.get(symbol)
+                if old is not None:
+                    metrics.CONFLATED.inc()
+                self.conflated[symbol] = (frame, old is not None)
             return
-        if self.paused or self.lagging:
-            old = self.conflated.get(symbol)
-            if old is not None:
-                metrics.CONFLATED.inc()
-            self.conflated[symbol] = (frame, old is not None)
-            return
-        self.ticks_sent += 1
-        self._queue(frame)
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+        if not self.dirty:
+            self.dirty = True
+            self._flusher.mark(self)
 
     def forget(self, symbol: str) -> None:
         """Drop a conflated tick that a reset makes obsolete (it must not follow the reset)."""
@@ -125,6 +128,7 @@ class Writer:
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         pending.clear()
         self.pending_bytes = 0
+        self.wrote = True
 
     def drop_pending(self) -> None:
         """Forget queued ticks and replies: a client closed for being slow gets the close at once."""
