@@ -8,14 +8,11 @@ client's bounded Writer, in order. Nothing here awaits a client.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import socket
-import struct
 from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
-from websockets.datastructures import MultipleValuesError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import OPEN, SEND_EOF
@@ -23,13 +20,15 @@ from websockets.server import ServerProtocol
 
 from edge import metrics
 from edge.commands import Commands
-from edge.handshake import client_ip, http_response, origin_allowed
+from edge.handshake import endpoint_response, http_response
+from edge.lag import LagProbe
+from edge.messages import Assembler, InvalidUTF8
 from edge.protocol import CloseCode, ErrorCode, FrameError, text_frame, tm_error
 from edge.protocol import error as error_frame
 from edge.ratelimit import TokenBucket
 from edge.session import Session
+from edge.upgrade import upgrade
 from edge.writer import Writer
-from shared.metrics import render_metrics
 
 if TYPE_CHECKING:
     from edge.server import EdgeServer
@@ -43,7 +42,6 @@ READ_SLICE = 1024  # bytes parsed per loop turn (~170 empty frames, ~1 ms): no f
 CLOSING_PARSE = 1024  # bytes still parsed after our close frame, to find the client's answer
 CLOSING_LIMIT = 65536  # bytes a closing client may still send before it is cut off
 NOTSENT_LOWAT = 65536  # unsent bytes the kernel may hold for a client: backpressure shows early
-_PROBE = struct.Struct("!4sQ")  # lag probe ping payload: tag, sequence number
 
 
 class Connection(asyncio.Protocol):
@@ -74,11 +72,8 @@ class Connection(asyncio.Protocol):
         self._paused_for: set[str] = set()
         self._eof_sent = False
         self._close_counted = False
-        self._fragments: list[bytes] | None = None
-        self._fragments_binary = False
-        self._utf8 = codecs.getincrementaldecoder("utf-8")()
-        self._probe_seq = 0
-        self._probe_sent: float | None = None
+        self._messages = Assembler()
+        self.lag = LagProbe()
         self._pending_handshake = True
         self.holds_slot = False  # one of its key's cluster-wide connection slots
 
@@ -237,6 +232,8 @@ class Connection(asyncio.Protocol):
         if not self.session.allow_frame(loop.time()):
             # Every frame costs, control and continuation frames too; a data message that
             # is refused gets an error, the rest only a strike.
+            if data_frame:
+                self._messages.drop()
             if data_frame and frame.fin:
                 self.refuse(FrameError(ErrorCode.RATE_LIMITED, "too many frames, slow down"))
             else:
@@ -244,22 +241,13 @@ class Connection(asyncio.Protocol):
             return
         if not data_frame:
             return
-        if frame.opcode is not Opcode.CONT:
-            self._fragments_binary = frame.opcode is Opcode.BINARY
-            self._fragments = []
-            self._utf8.reset()
-        if self._fragments is None:
+        try:
+            message = self._messages.feed(frame)
+        except InvalidUTF8:
+            self.ws.fail(1007, "invalid UTF-8 in a text frame")  # RFC 6455 8.1
             return
-        if not self._fragments_binary:
-            try:  # fragment by fragment, so a bad message fails as soon as it is bad
-                self._utf8.decode(frame.data, final=frame.fin)
-            except UnicodeDecodeError:
-                self.ws.fail(1007, "invalid UTF-8 in a text frame")  # RFC 6455 8.1
-                return
-        self._fragments.append(bytes(frame.data))
-        if frame.fin:
-            data, self._fragments = b"".join(self._fragments), None
-            self._on_message(data, self._fragments_binary)
+        if message is not None:
+            self._on_message(*message)
 
     def _on_message(self, data: bytes, binary: bool) -> None:
         """A complete message; text has been checked to be UTF-8."""
@@ -349,34 +337,28 @@ class Connection(asyncio.Protocol):
             log.info("client timed out", extra={"key": self.session.key_name, "ip": self.peer_ip})
             self.abort()
             return
-        if self._probe_sent is None:
+        if self.lag.sent is None:
             self.ws.send_ping(b"")
             self._write_protocol()
 
     def probe(self, now: float, max_lag: float) -> None:
-        """Measure how far behind the client reads: it answers a ping only after what came first."""
+        """Measure how far behind the client reads (edge/lag.py); behind more than max_lag: lagging."""
         writer = self.writer
         if writer is None or not self.upgraded or self.ws.state is not OPEN:
             return
-        if self._probe_sent is not None:
-            if now - self._probe_sent > max_lag and not writer.lagging:
+        if self.lag.sent is not None:
+            if self.lag.overdue(now, max_lag) and not writer.lagging:
                 log.info("client lagging", extra={"key": self.session.key_name, "ip": self.peer_ip})
                 writer.set_lagging(True)
-            return
-        if writer.wrote or writer.lagging:
+        elif writer.wrote or writer.lagging:
             writer.wrote = False
-            self._probe_seq += 1
-            self._probe_sent = now
-            self.ws.send_ping(_PROBE.pack(b"lag?", self._probe_seq))
+            self.ws.send_ping(self.lag.start(now))
             self._write_protocol()
 
     def _on_pong(self, data: bytes, now: float) -> None:
-        if self._probe_sent is None or len(data) != _PROBE.size:
-            return
-        tag, seq = _PROBE.unpack(data)
-        if tag == b"lag?" and seq == self._probe_seq:
-            metrics.CLIENT_LAG.observe(now - self._probe_sent)
-            self._probe_sent = None
+        lag = self.lag.answered(data, now)
+        if lag is not None:
+            metrics.CLIENT_LAG.observe(lag)
             assert self.writer is not None
             if self.writer.lagging:
                 self.writer.set_lagging(False)
@@ -431,45 +413,26 @@ class Connection(asyncio.Protocol):
             self.tradermade = path == TRADERMADE_PATH
             self._rx_held = True
             self._pause_reading("upgrade")
-            self.server.spawn(self._upgrade(request))
+            self.server.spawn(upgrade(self.server, self, request))
             return
         self._end_handshake()
-        if path == "/healthz":
-            response = http_response(200, b"ok\n")
-        elif path == "/readyz":
-            ok = self.server.ready()
-            response = http_response(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-        elif path == "/metrics":
-            body, ctype = render_metrics()
-            response = http_response(200, body, ctype)
-        else:
-            response = http_response(404, b"not found\n")
         self._rx.clear()  # one request per connection: pipelined bytes are dropped
-        self.ws.send_response(response)
+        self.ws.send_response(endpoint_response(path, self.server.ready))
 
     def reject(self, status: int, reason: str, message: str) -> None:
         metrics.HANDSHAKES_REJECTED.labels(reason).inc()
         self._rx.clear()
         self.ws.send_response(http_response(status, message.encode() + b"\n"))
 
-    async def _upgrade(self, request: Request) -> None:
-        try:
-            await self.server.handshake(self, request)
-        except MultipleValuesError as exc:
-            if not self.lost:
-                self.reject(400, "bad_header", f"duplicate header: {exc}")
-        except Exception:
-            log.exception("handshake failed", extra={"ip": self.peer_ip})
-            if not self.lost and not self.upgraded:
-                self.reject(500, "internal", "internal error")
-        finally:
-            self._end_handshake()
-            self._rx_held = False
-            if not self.lost:
-                self._write_protocol()
-                self._resume_reading("upgrade")
-                if (self._rx or self._rx_eof) and not self._rx_scheduled:
-                    self._feed()
+    def upgrade_done(self) -> None:
+        """The upgrade is decided: send the answer and read on (what followed the request too)."""
+        self._end_handshake()
+        self._rx_held = False
+        if not self.lost:
+            self._write_protocol()
+            self._resume_reading("upgrade")
+            if (self._rx or self._rx_eof) and not self._rx_scheduled:
+                self._feed()
 
     def accept(self, request: Request) -> bool:
         """Send the 101 (or websockets' own refusal); True when the connection is upgraded."""
@@ -486,12 +449,4 @@ class Connection(asyncio.Protocol):
         if self.tradermade:
             self._write_protocol()
             self.send(b"Connected")
-        return True
-
-    def allowed_by_headers(self, request: Request) -> bool:
-        """Origin check; raises MultipleValuesError on duplicated security headers."""
-        if not origin_allowed(request.headers.get("Origin"), self.server.settings.allowed_origins):
-            self.reject(403, "origin", "origin not allowed")
-            return False
-        self.peer_ip = client_ip(self.peer_ip, request.headers, self.server.trusted)
         return True

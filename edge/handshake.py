@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import email.utils
 import http
+from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
+
+from shared.metrics import render_metrics
 
 Network = IPv4Network | IPv6Network
 
@@ -53,3 +56,16 @@ def http_response(status: int, body: bytes, content_type: str = "text/plain; cha
         *(extra or []),
     ])
     return Response(code.value, code.phrase, headers, body)
+
+
+def endpoint_response(path: str, ready: Callable[[], bool]) -> Response:
+    """The plain HTTP endpoints beside the WebSocket ones: /healthz, /readyz, /metrics."""
+    if path == "/healthz":
+        return http_response(200, b"ok\n")
+    if path == "/readyz":
+        ok = ready()
+        return http_response(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+    if path == "/metrics":
+        body, ctype = render_metrics()
+        return http_response(200, body, ctype)
+    return http_response(404, b"not found\n")

@@ -9,10 +9,9 @@ from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
-from websockets.http11 import Request
 
 from edge import metrics
-from edge.auth import Authenticator, Identity, key_from_request
+from edge.auth import Authenticator, Identity
 from edge.connection import Connection
 from edge.handshake import parse_networks
 from edge.hub import Hub
@@ -115,41 +114,6 @@ class EdgeServer:
             conn.close(CloseCode.CONNECTION_LIMIT, "connection limit of this key lowered")
 
     # Handshakes and keys
-
-    async def handshake(self, conn: Connection, request: Request) -> None:
-        """Decide an upgrade: rate, drain, capacity, origin, key; then accept or refuse."""
-        s = self.settings
-        if not conn.allowed_by_headers(request):
-            return
-        if not self.handshakes.take(conn.peer_ip, asyncio.get_running_loop().time()):
-            return conn.reject(429, "rate_limited", "too many handshakes from your address")
-        if self.draining:
-            return conn.reject(503, "draining", "server draining, connect to another edge")
-        if self.open_count >= s.max_connections:
-            return conn.reject(503, "full", "server at its connection limit, try again later")
-        identity = None
-        key = key_from_request(request.path, request.headers)
-        if key is not None:
-            try:
-                identity = await self.auth.authenticate(key)
-                admitted = identity is not None and await self.take_slot(conn, identity)
-            except (RedisError, OSError):
-                return conn.reject(503, "auth_unavailable", "key store unavailable, try again")
-            if conn.lost:
-                return None
-            if identity is None:
-                log.info("bad API key at handshake", extra={"ip": conn.peer_ip})
-                return conn.reject(401, "unauthorized", "invalid API key")
-            if not admitted:
-                return conn.reject(429, "key_limit", "connection limit reached for this key")
-        if not conn.accept(request):
-            self.give_back_slot(conn)
-            return None
-        if identity is not None:
-            conn.commands.authenticated(identity)
-        else:
-            conn.arm_auth_timer(s.auth_timeout)
-        return None
 
     async def take_slot(self, conn: Connection, identity: Identity) -> bool:
         """Count a connection against its key's cluster-wide limit; False when over it."""
