@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Collection
 
+import pytest
 from websockets.asyncio.client import connect
 
+from edge.app import EdgeApp
 from edge.hub import Hub
+from shared.bus import Message
+from shared.memory_bus import MemoryBus, MemorySubscriber
+from shared.settings import EdgeSettings
+from shared.tick import Tick, encode_tick
 from tests.component.conftest import STATIC_KEY, Edge, StartEdge
 from tests.support.client import live_ticks, open_native, recv_json, send_json
 
@@ -163,3 +170,71 @@ async def test_a_second_tradermade_login_with_another_key_is_refused(edge: Edge)
         await ws.send('{"userKey":"other-key","symbol":"EURUSD,GBPUSD"}')
         reply = await asyncio.wait_for(ws.recv(), 5)
         assert "another userKey" in str(reply)
+
+
+class GatedBus(MemoryBus):
+    """A memory bus whose subscribe, last or history can hang, to leave at exactly that await."""
+
+    def __init__(self, point: str) -> None:
+        super().__init__()
+        self.point = point
+        self.reached = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def wait(self, point: str) -> None:
+        if point == self.point:
+            self.reached.set()
+            await self.gate.wait()
+
+    async def last(self, symbols: Collection[str] | None = None) -> dict[str, bytes]:
+        await self.wait("last")
+        return await super().last(symbols)
+
+    async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
+        await self.wait("history")
+        return await super().history(symbol, after_seq, limit)
+
+    def subscriber(self, on_tick, on_control, on_state):  # type: ignore[no-untyped-def]
+        bus = self
+
+        class Gated(MemorySubscriber):
+            async def subscribe(self, symbols: Collection[str]) -> None:
+                await bus.wait("subscribe")
+                await super().subscribe(symbols)
+
+        return Gated(self, on_tick, on_control, on_state)
+
+
+@pytest.mark.parametrize("point", ["subscribe", "last", "history"])
+async def test_a_client_gone_at_each_await_of_a_subscribe_leaves_exactly_nothing(point: str) -> None:
+    bus = GatedBus(point)
+    for symbol in ("EURUSD", "GBPUSD", "USDJPY"):
+        for seq in (1, 2, 3):
+            tick = Tick(symbol, 1.1, 1.2, 1.15, 1, "e1", seq)
+            await bus.publish([Message(symbol, seq, encode_tick(tick))])
+    app = EdgeApp(EdgeSettings(host="127.0.0.1", port=0, api_keys=[STATIC_KEY], log_format="console"),
+                  bus, None)
+    port = await app.start()
+    try:
+        keeper = await open_native(port, STATIC_KEY)  # holds GBPUSD all along
+        bus.point = ""
+        await send_json(keeper, {"op": "subscribe", "symbols": ["GBPUSD"]})
+        await recv_json(keeper)
+        bus.point = point
+        ws = await open_native(port, STATIC_KEY)
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD", "USDJPY"],
+                             "since": {"EURUSD": {"epoch": "e1", "seq": 1}}})
+        await asyncio.wait_for(bus.reached.wait(), 5)
+        ws.transport.abort()  # gone while the edge awaits `point`
+        await asyncio.sleep(0.05)
+        bus.gate.set()
+        hub = app.server.hub
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if hub.symbols() == {"GBPUSD"} and bus.subscribers[0].symbols == {"GBPUSD"}:
+                break
+        assert hub.symbols() == {"GBPUSD"} and bus.subscribers[0].symbols == {"GBPUSD"}
+        await keeper.close()
+    finally:
+        await app.stop(drain_timeout=0)
+        await bus.close()
