@@ -105,10 +105,6 @@ def position_of(payload: bytes) -> Position:
     return Position(payload[e + 9 : epoch_end].decode(), int(payload[i:j]))
 
 
-def seq_of(payload: bytes) -> int:
-    return position_of(payload).seq
-
-
 def mark(payload: bytes, field: bytes) -> bytes:
     """Append `"field":true` to an encoded tick (snapshot, conflated): one copy, no JSON parse."""
     return payload[:-1] + b',"' + field + b'":true}'
