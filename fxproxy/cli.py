@@ -162,13 +162,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=2.0, help="ticks/s per symbol (default 2)")
     demo.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0 = never)")
 
-    tail = sub.add_parser("tail", help="print ticks from an edge")
-    tail.add_argument("url", help="ws://HOST:PORT/v1/stream or ws://HOST:PORT/feedadv")
+    tail = sub.add_parser(
+        "tail", help="follow ticks from edges, reconnecting and resuming",
+        description="Follow symbols with the resuming client (fxproxy.client): on a disconnect it "
+        "tries the next URL with backoff and resumes every symbol where it stopped. On a terminal: "
+        "a live table; otherwise one line per tick, other events on stderr.")
+    tail.add_argument("url", nargs="+", help="ws://HOST:PORT/v1/stream or ws://HOST:PORT/feedadv; "
+                      "several are tried in turn")
     tail.add_argument("--key", required=True, help="API key")
     tail.add_argument("--symbols", required=True, help="comma-separated, e.g. EURUSD,GBPUSD")
     tail.add_argument("--count", type=int, default=0, help="stop after N ticks (0 = never)")
     tail.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0 = never)")
-    tail.add_argument("--raw", action="store_true", help="print frames as received")
+    tail.add_argument("--json", action="store_true", help="one JSON object a line: ticks exactly as "
+                      'received, other events (state, subscribed, reset, error, anomaly) as {"event": ...}')
+    tail.add_argument("--raw", action="store_true", help="same as --json")
+    tail.add_argument("--no-table", dest="table", action="store_false",
+                      help="tick lines even on a terminal")
 
     keys = sub.add_parser("keys", help="manage API keys in Redis")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -198,11 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "tail":
+            from fxproxy.client import ClientError
             from fxproxy.tail import tail
 
             symbols = split_csv(args.symbols)
-            return _run(_tail_main(tail(args.url, args.key, symbols, count=args.count,
-                                        duration=args.duration, raw=args.raw)))
+            try:
+                return _run(_tail_main(tail(args.url, args.key, symbols, count=args.count,
+                                            duration=args.duration, raw=args.json or args.raw,
+                                            table=args.table and sys.stdout.isatty())))
+            except ClientError as exc:
+                print(f"fxproxy tail: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return 1
         if args.command == "demo":
             setup_logging("warning", "console")
             return _run(_demo_main(args))
