@@ -70,3 +70,29 @@ async def test_revoked_key_stops_the_client_with_revoked(cluster: Cluster) -> No
                     if seen == 3:
                         assert keys_cli(cluster.redis_url, "revoke", "hank").returncode == 0
     assert seen >= 3 and c.reconnects == 0
+
+
+async def test_drained_edge_1001_means_reconnect_at_once_with_the_auth_frame_path(cluster: Cluster) -> None:
+    cluster.simfeed(rate=50)
+    cluster.ingestor()
+    proc1, port1 = cluster.edge(FXPROXY_DRAIN_TIMEOUT="0.5")
+    _, port2 = cluster.edge()
+    urls = [f"ws://127.0.0.1:{port1}/v1/stream", f"ws://127.0.0.1:{port2}/v1/stream"]
+    reconnecting: list[State] = []
+    recovered: list[dict[str, bool]] = []
+    seen = 0
+    async with asyncio.timeout(30), Client(urls, API_KEY, ["EURUSD"], auth="frame") as client:
+        async for event in client:
+            if isinstance(event, Tick):
+                seen += 1
+                if seen == 10:
+                    proc1.terminate()
+                if recovered and seen >= 40:
+                    break
+            elif isinstance(event, State) and event.state == "reconnecting":
+                reconnecting.append(event)
+            elif isinstance(event, Subscribed) and event.recovered:
+                recovered.append(event.recovered)
+    assert [(s.delay, s.reason) for s in reconnecting] == [(0.0, reconnecting[0].reason)]
+    assert "1001" in reconnecting[0].reason
+    assert recovered == [{"EURUSD": True}] and client.positions.anomalies == 0
