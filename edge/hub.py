@@ -93,10 +93,13 @@ class Hub:
             self._on_bus.update(add)
             self._on_bus.difference_update(drop)
             if self.subscriber is not None:
-                if drop:
-                    await self.subscriber.unsubscribe(drop)
-                if add:
-                    await self.subscriber.subscribe(add)
+                try:
+                    if drop:
+                        await self.subscriber.unsubscribe(drop)
+                    if add:
+                        await self.subscriber.subscribe(add)
+                except Exception as exc:  # the subscriber resubscribes its whole set on reconnect
+                    log.warning("bus subscription change failed", extra={"error": repr(exc)})
             if not self._changed.is_set():
                 self._synced.set()
 
