@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import API_KEY, Cluster
 from tests.support.ports import free_port
+from tests.support.tail import assert_resumed_once_without_a_gap, tail_through_a_kill
 
 pytestmark = pytest.mark.integration
 
@@ -88,39 +89,9 @@ def test_demo_stops_cleanly_on_ctrl_c() -> None:
 
 
 def test_tail_json_survives_an_edge_kill_without_a_gap(cluster: Cluster) -> None:
-    import orjson
-
     cluster.simfeed(rate=50)
     cluster.ingestor()
     proc1, port1 = cluster.edge()
     _, port2 = cluster.edge()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FXPROXY_")}
-    tail = subprocess.Popen([sys.executable, "-m", "fxproxy", "tail", "--json", "--key", API_KEY,
-                             "--symbols", "EURUSD,GBPUSD", "--count", "80", "--duration", "20",
-                             f"ws://127.0.0.1:{port1}/v1/stream", f"ws://127.0.0.1:{port2}/v1/stream"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert tail.stdout is not None
-        lines: list[str] = []
-        while sum('"type":"tick"' in line for line in lines) < 20:
-            line = tail.stdout.readline()
-            assert line, tail.stderr.read() if tail.stderr else ""
-            lines.append(line)
-        proc1.kill()
-        rest, stderr = tail.communicate(timeout=30)
-        assert tail.returncode == 0, stderr
-    finally:
-        if tail.poll() is None:
-            tail.kill()
-            tail.wait()
-    events = [orjson.loads(line) for line in lines + rest.splitlines()]
-    ticks = [e for e in events if e.get("type") == "tick"]
-    others = [e for e in events if "event" in e]
-    assert len(ticks) == 80 and len(ticks) + len(others) == len(events)
-    assert [e["state"] for e in others if e["event"] == "state"].count("reconnecting") == 1
-    assert [e["recovered"] for e in others if e["event"] == "subscribed" and e["recovered"]] == [
-        {"EURUSD": True, "GBPUSD": True}]
-    assert not [e for e in others if e["event"] in ("anomaly", "reset")]
-    for symbol in ("EURUSD", "GBPUSD"):
-        seqs = [t["seq"] for t in ticks if t["symbol"] == symbol]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{symbol}: {seqs}"
+    urls = [f"ws://127.0.0.1:{port1}/v1/stream", f"ws://127.0.0.1:{port2}/v1/stream"]
+    assert_resumed_once_without_a_gap(tail_through_a_kill(urls, proc1.kill))
