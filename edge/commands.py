@@ -98,7 +98,7 @@ class Commands:
             else:
                 await self._auth_frame(cmd.key, cmd.id)
         elif isinstance(cmd, proto.Subscribe):
-            await self._subscribe(cmd.symbols, cmd.id, cmd.since)
+            await self._subscribe(cmd.symbols, cmd.id, cmd.since, cmd.max_rate)
         elif isinstance(cmd, proto.Unsubscribe):
             held = [s for s in cmd.symbols if s in self.conn.session.symbols]
             self.drop(held)
@@ -153,13 +153,14 @@ class Commands:
             return
         wanted = set(login.symbols)
         self.drop([s for s in session.symbols if s not in wanted])
-        await self._subscribe(tuple(s for s in login.symbols if s not in session.symbols), None, {})
+        await self._subscribe(tuple(s for s in login.symbols if s not in session.symbols), None, {}, None)
 
     # Subscriptions
 
     async def _subscribe(self, symbols: tuple[str, ...], id: proto.Id,
-                         since: dict[str, proto.Since]) -> None:
+                         since: dict[str, proto.Since], asked_rate: float | None) -> None:
         conn = self.conn
+        rate = conn.session.granted_rate(asked_rate)
         plan = conn.session.plan_subscribe(symbols)
         if plan.forbidden:
             self._symbol_error(ErrorCode.FORBIDDEN_SYMBOL, "not allowed for this key", plan.forbidden, id)
@@ -184,7 +185,8 @@ class Commands:
             if not conn.tradermade and (attached or plan.already):
                 recovered = {s: p.recovered for s in attached
                              if (p := plans[s]) is not None and p.recovered is not None}
-                conn.send(proto.subscribed(id, attached + plan.already, recovered))
+                rates = {s: rate for s in attached} if rate is not None else None
+                conn.send(proto.subscribed(id, attached + plan.already, recovered, rates))
             assert conn.writer is not None
             for symbol in attached:
                 catchup = plans[symbol]
@@ -194,7 +196,8 @@ class Commands:
                 else:
                     for payload in catchup.frames:
                         conn.send(payload)
-                hub.attach(conn.writer, symbol, catchup.position, catchup.payload, conn.tradermade)
+                hub.attach(conn.writer, symbol, catchup.position, catchup.payload, conn.tradermade, rate)
+                conn.session.asked_rate[symbol] = asked_rate
             conn.session.symbols.update(attached)
         finally:
             hub.release([s for s in wanted if s not in attached])
@@ -244,6 +247,8 @@ class Commands:
         conn = self.conn
         assert conn.writer is not None
         conn.session.symbols.difference_update(symbols)
+        for symbol in symbols:
+            conn.session.asked_rate.pop(symbol, None)
         conn.server.hub.detach(conn.writer, symbols)
         conn.server.hub.release(symbols)
 
@@ -251,6 +256,10 @@ class Commands:
         """A key's record changed: keep the new limits, drop symbols no longer allowed."""
         conn = self.conn
         conn.session.record = record
+        if conn.writer is not None:  # the key's max_rate may have changed: grant again
+            for symbol, asked in conn.session.asked_rate.items():
+                conn.server.hub.set_rate(conn.writer, symbol, conn.tradermade,
+                                         conn.session.granted_rate(asked))
         lost = conn.session.disallowed(record)
         if lost:
             if conn.tradermade:

@@ -20,12 +20,34 @@ from edge import metrics
 from edge.protocol import reset, text_frame
 from edge.writer import Writer
 from shared.bus import Subscriber
-from shared.tick import Position, position_of, to_tradermade
+from shared.tick import Position, mark, position_of, to_tradermade
 
 log = logging.getLogger("fxproxy.edge.hub")
 
 History = Callable[[str, int, int], Awaitable[list[bytes]]]
 MAX_HELD = 10_000  # live ticks of one symbol held during a repair before we stop waiting
+
+
+@dataclass(slots=True)
+class Throttle:
+    """Subscribers of one symbol at one max rate: at most `rate` ticks a second, each the latest
+    (Lightstreamer's max frequency). Its frames are built once for all of them."""
+
+    rate: float
+    native: set[Writer] = field(default_factory=set)
+    tradermade: set[Writer] = field(default_factory=set)
+    due: float = 0.0  # loop time when the next tick may go
+    pending: bytes | None = None  # the latest tick, waiting for `due`
+    replaced: bool = False  # `pending` replaced older ticks: it goes out marked conflated
+    timer: asyncio.TimerHandle | None = None
+
+    def empty(self) -> bool:
+        return not self.native and not self.tradermade
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 @dataclass(slots=True)
@@ -37,7 +59,26 @@ class Stream:
     held: list[bytes] | None = None  # not None while a repair runs: live ticks wait here
     native: set[Writer] = field(default_factory=set)
     tradermade: set[Writer] = field(default_factory=set)
-    gates: dict[Writer, tuple[Position, bool]] = field(default_factory=dict)
+    throttles: dict[float, Throttle] = field(default_factory=dict)
+    gates: dict[Writer, tuple[Position, bool, float | None]] = field(default_factory=dict)
+
+    def add(self, writer: Writer, tradermade: bool, rate: float | None) -> None:
+        if rate is None:
+            (self.tradermade if tradermade else self.native).add(writer)
+            return
+        throttle = self.throttles.get(rate) or self.throttles.setdefault(rate, Throttle(rate))
+        (throttle.tradermade if tradermade else throttle.native).add(writer)
+
+    def remove(self, writer: Writer) -> None:
+        self.native.discard(writer)
+        self.tradermade.discard(writer)
+        self.gates.pop(writer, None)
+        for rate, throttle in list(self.throttles.items()):
+            throttle.native.discard(writer)
+            throttle.tradermade.discard(writer)
+            if throttle.empty():
+                throttle.cancel()
+                del self.throttles[rate]
 
 
 class Hub:
@@ -70,7 +111,9 @@ class Hub:
             self._refs[symbol] -= 1
             if self._refs[symbol] <= 0:
                 del self._refs[symbol]
-                self._streams.pop(symbol, None)
+                stream = self._streams.pop(symbol, None)
+                for throttle in stream.throttles.values() if stream else ():
+                    throttle.cancel()
         self._mark_changed()
 
     def _mark_changed(self) -> None:
@@ -112,7 +155,7 @@ class Hub:
         return stream.position, stream.payload
 
     def attach(self, writer: Writer, symbol: str, position: Position, payload: bytes,
-               tradermade: bool = False) -> None:
+               tradermade: bool = False, rate: float | None = None) -> None:
         """Add a client that has been sent everything up to `position`.
 
         If this edge has not delivered that far yet, the client waits at a gate until it has,
@@ -124,17 +167,22 @@ class Hub:
             # tick published between the snapshot read and the subscription shows as a gap.
             stream.position, stream.payload = position, payload
         elif stream.position.epoch == position.epoch and stream.position.seq < position.seq:
-            stream.gates[writer] = (position, tradermade)
+            stream.gates[writer] = (position, tradermade, rate)
             return
-        (stream.tradermade if tradermade else stream.native).add(writer)
+        stream.add(writer, tradermade, rate)
 
     def detach(self, writer: Writer, symbols: Iterable[str]) -> None:
         for symbol in symbols:
             stream = self._streams.get(symbol)
             if stream is not None:
-                stream.native.discard(writer)
-                stream.tradermade.discard(writer)
-                stream.gates.pop(writer, None)
+                stream.remove(writer)
+
+    def set_rate(self, writer: Writer, symbol: str, tradermade: bool, rate: float | None) -> None:
+        """Move an attached client to another max rate (its key's cap changed)."""
+        stream = self._streams.get(symbol)
+        if stream is not None and writer not in stream.gates:
+            stream.remove(writer)
+            stream.add(writer, tradermade, rate)
 
     # Ticks
 
@@ -184,7 +232,7 @@ class Hub:
         self._deliver(symbol, stream, payload)
         return hole
 
-    def _deliver(self, symbol: str, stream: Stream, payload: bytes) -> None:
+    def _deliver(self, symbol: str, stream: Stream | Throttle, payload: bytes) -> None:
         """Frame once, hand the same bytes to every subscriber."""
         delivered = 0
         if stream.native:
@@ -198,18 +246,50 @@ class Hub:
                 writer.send_tick(symbol, frame)
             delivered += len(stream.tradermade)
         metrics.DELIVERIES.inc(delivered)
+        if isinstance(stream, Stream) and stream.throttles:
+            now = asyncio.get_running_loop().time()
+            for throttle in stream.throttles.values():
+                self._offer(symbol, throttle, payload, now)
+
+    def _offer(self, symbol: str, throttle: Throttle, payload: bytes, now: float) -> None:
+        if throttle.pending is None and now >= throttle.due:
+            throttle.due = now + 1 / throttle.rate
+            self._deliver(symbol, throttle, payload)
+            return
+        if throttle.pending is not None:
+            throttle.replaced = True
+            metrics.THROTTLED.inc()
+        throttle.pending = payload
+        if throttle.timer is None:
+            throttle.timer = asyncio.get_running_loop().call_at(
+                throttle.due, self._release_throttled, symbol, throttle)
+
+    def _release_throttled(self, symbol: str, throttle: Throttle) -> None:
+        throttle.timer = None
+        payload, throttle.pending = throttle.pending, None
+        if payload is None:
+            return
+        throttle.due = asyncio.get_running_loop().time() + 1 / throttle.rate
+        if throttle.replaced:
+            throttle.replaced = False
+            payload = mark(payload, b"conflated")  # its skipped seqs are not a gap
+        self._deliver(symbol, throttle, payload)
 
     def _open_gates(self, stream: Stream, pos: Position) -> None:
-        for writer, (at, tradermade) in list(stream.gates.items()):
+        for writer, (at, tradermade, rate) in list(stream.gates.items()):
             if at.epoch != pos.epoch or pos.seq > at.seq:
                 del stream.gates[writer]
-                (stream.tradermade if tradermade else stream.native).add(writer)
+                stream.add(writer, tradermade, rate)
 
     def _announce(self, stream: Stream, symbol: str, epoch: str, reason: str) -> None:
         # Waiting clients stand in the old epoch too: let them in so they hear the reset.
         self._open_gates(stream, Position(epoch, 0))
         frame = text_frame(reset(symbol, epoch, reason))
-        for writer in stream.native:
+        native = list(stream.native)
+        for throttle in stream.throttles.values():
+            throttle.pending, throttle.replaced = None, False  # older than the reset
+            native += throttle.native
+        for writer in native:
             writer.forget(symbol)
             writer.send(frame)
 

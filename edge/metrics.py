@@ -16,6 +16,9 @@ GAPS_UNRECOVERABLE = Counter(
     "fxproxy_edge_gaps_unrecoverable", "Bus gaps history could not fill: announced with reset"
 )
 EPOCH_CHANGES = Counter("fxproxy_edge_epoch_changes", "Symbol streams that restarted under a new epoch")
+THROTTLED = Counter(
+    "fxproxy_edge_throttled_ticks", "Ticks replaced by a newer one within a max_rate bucket (once per bucket)"
+)
 CONFLATED = Counter("fxproxy_edge_conflated_ticks", "Ticks replaced by a newer one for a slow client")
 LAGGING = Counter("fxproxy_edge_lagging", "Times a client fell more than FXPROXY_MAX_LAG behind")
 CLIENT_LAG = Histogram(

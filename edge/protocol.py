@@ -52,6 +52,7 @@ class Subscribe:
     symbols: tuple[str, ...]
     id: Id = None
     since: dict[str, Since] = field(default_factory=dict)
+    max_rate: float | None = None  # ticks a second per symbol, each the latest; None = all
 
 
 @dataclass(slots=True, frozen=True)
@@ -151,6 +152,18 @@ def _since(raw: Any, symbols: tuple[str, ...], id: Id) -> dict[str, Since]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+MAX_RATE = 1000.0
+
+
+def _max_rate(obj: dict[str, Any], id: Id) -> float | None:
+    rate = obj.get("max_rate")
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
+        raise _bad(f"max_rate must be a number of ticks a second, above 0 and at most {MAX_RATE:g}", id)
+    return float(rate)
+
+
 def parse_command(data: bytes | str, *, max_symbols: int) -> Command:
     """Parse one native text frame; raise FrameError with a precise reason."""
     obj = _load_object(data)
@@ -158,7 +171,7 @@ def parse_command(data: bytes | str, *, max_symbols: int) -> Command:
     op = obj.get("op")
     if op == "subscribe":
         symbols = _symbols(obj.get("symbols"), id, max_symbols)
-        return Subscribe(symbols, id, _since(obj.get("since"), symbols, id))
+        return Subscribe(symbols, id, _since(obj.get("since"), symbols, id), _max_rate(obj, id))
     if op == "unsubscribe":
         return Unsubscribe(_symbols(obj.get("symbols"), id, max_symbols), id)
     if op == "ping":
@@ -192,10 +205,13 @@ def _reply(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj)
 
 
-def subscribed(id: Id, symbols: list[str], recovered: dict[str, bool] | None = None) -> bytes:
+def subscribed(id: Id, symbols: list[str], recovered: dict[str, bool] | None = None,
+               max_rate: dict[str, float] | None = None) -> bytes:
     out: dict[str, Any] = {"type": "subscribed", "id": id, "symbols": symbols}
     if recovered:
         out["recovered"] = recovered
+    if max_rate:
+        out["max_rate"] = max_rate  # what was granted, per throttled symbol
     return _reply(out)
 
 

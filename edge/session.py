@@ -25,6 +25,7 @@ class Session:
     record: KeyRecord | None = None
     symbols: set[str] = field(default_factory=set)
     strikes: int = 0
+    asked_rate: dict[str, float | None] = field(default_factory=dict)  # max_rate per symbol asked
 
     @property
     def authenticated(self) -> bool:
@@ -57,6 +58,13 @@ class Session:
                 plan.allowed.append(symbol)
                 room -= 1
         return plan
+
+    def granted_rate(self, asked: float | None) -> float | None:
+        """The max rate a subscription gets: what it asked, bounded by the key's cap."""
+        cap = self.record.max_rate if self.record is not None and self.record.max_rate > 0 else None
+        if asked is None or cap is None:
+            return asked if cap is None else cap
+        return min(asked, cap)
 
     def disallowed(self, record: KeyRecord) -> list[str]:
         """Symbols held now that an updated record no longer allows."""

@@ -96,6 +96,7 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
         KeyExists,
         RedisKeyStore,
         validate_max_connections,
+        validate_max_rate,
         validate_name,
     )
 
@@ -108,6 +109,8 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
             symbols = None if args.symbols is None else parse_symbols(args.symbols)
             if args.max_connections is not None:
                 validate_max_connections(args.max_connections)
+            if args.max_rate is not None:
+                validate_max_rate(args.max_rate)
     except InvalidKeyField as exc:
         print(f"fxproxy keys {args.keys_command}: {exc}", file=sys.stderr)
         return 2
@@ -118,7 +121,7 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
         if args.keys_command == "create":
             assert symbols is not None  # --symbols defaults to '*'
             try:
-                key = await create_key(store, args.name, symbols, args.max_connections)
+                key = await create_key(store, args.name, symbols, args.max_connections, args.max_rate)
             except KeyExists:
                 print(f"fxproxy keys: a key named {args.name!r} exists already", file=sys.stderr)
                 return 1
@@ -132,7 +135,7 @@ async def _keys(args: argparse.Namespace, settings: CommonSettings) -> int:
                 return 1
             print(f"revoked {args.name!r}; its connections are being closed (4003)")
         elif args.keys_command == "update":
-            if not await update_key(store, bus, args.name, symbols, args.max_connections):
+            if not await update_key(store, bus, args.name, symbols, args.max_connections, args.max_rate):
                 print(f"fxproxy keys: no key named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"updated {args.name!r}; edges apply it to live connections")
@@ -188,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
                         "e.g. 'EUR*,GBPUSD'; '*' (the default) for all")
     create.add_argument("--max-connections", type=int, default=0,
                         help="concurrent connections across the cluster (0 = no limit)")
+    create.add_argument("--max-rate", type=float, default=0.0,
+                        help="ticks a second per symbol its clients get at most, each the latest "
+                        "(0 = unthrottled)")
     keys_sub.add_parser("list", help="list keys (never the keys themselves)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key; its connections close with 4003")
     revoke.add_argument("name")
@@ -196,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--symbols", default=None, help="new allowed symbol globs ('*' for all)")
     update.add_argument("--max-connections", type=int, default=None,
                         help="new limit (0 = none); connections over it are closed (4008)")
+    update.add_argument("--max-rate", type=float, default=None,
+                        help="new cap in ticks a second per symbol (0 = unthrottled); live")
     for action in (create, keys_sub.choices["list"], revoke, update):
         action.add_argument("--redis-url", dest="redis_url", default=argparse.SUPPRESS,
                             help="Redis URL [FXPROXY_REDIS_URL]")

@@ -67,6 +67,16 @@ def validate_max_connections(limit: int) -> int:
     return limit
 
 
+MAX_RATE_LIMIT = 1000.0  # ticks a second per symbol: the most a client may ask for or be granted
+
+
+def validate_max_rate(rate: float) -> float:
+    if not 0 <= rate <= MAX_RATE_LIMIT:
+        raise InvalidKeyField(f"bad max rate {rate:g}: use 0 (unthrottled) up to {MAX_RATE_LIMIT:g} "
+                              "ticks a second per symbol")
+    return rate
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -83,6 +93,7 @@ class KeyRecord:
     max_connections: int = 0  # across the cluster; 0 = no limit
     disabled: bool = False
     created: int = field(default_factory=lambda: int(time.time() * 1000))
+    max_rate: float = 0.0  # ticks a second per symbol its clients get at most; 0 = unthrottled
 
     def allows(self, symbol: str) -> bool:
         return any(fnmatchcase(symbol, pattern) for pattern in self.symbols)
@@ -94,6 +105,7 @@ class KeyRecord:
             "max_connections": str(self.max_connections),
             "disabled": "1" if self.disabled else "0",
             "created": str(self.created),
+            "max_rate": repr(self.max_rate),
         }
 
     @classmethod
@@ -107,8 +119,9 @@ class KeyRecord:
                 max_connections=int(d.get("max_connections", "0")),
                 disabled=d.get("disabled") == "1",
                 created=int(d.get("created", "0")),
+                max_rate=validate_max_rate(float(d.get("max_rate", "0"))),
             )
-        except (KeyError, ValueError):
+        except (KeyError, ValueError):  # InvalidKeyField is a ValueError too
             return cls(name=d.get("name", "invalid-record"), disabled=True)
 
 
@@ -130,7 +143,8 @@ class KeyStore(Protocol):
     async def list(self) -> list[KeyRecord]: ...
 
     async def update(self, name: str, *, symbols: tuple[str, ...] | None = None,
-                     max_connections: int | None = None, disabled: bool | None = None) -> str | None:
+                     max_connections: int | None = None, disabled: bool | None = None,
+                     max_rate: float | None = None) -> str | None:
         """Change the given fields of a key (revoking is disabled=True); its hash, or None."""
         ...
 
@@ -180,7 +194,8 @@ class MemoryKeyStore:
         return sorted(self.records.values(), key=lambda r: r.name)
 
     async def update(self, name: str, *, symbols: tuple[str, ...] | None = None,
-                     max_connections: int | None = None, disabled: bool | None = None) -> str | None:
+                     max_connections: int | None = None, disabled: bool | None = None,
+                     max_rate: float | None = None) -> str | None:
         for key_hash, record in self.records.items():
             if record.name == name:
                 if symbols is not None:
@@ -189,6 +204,8 @@ class MemoryKeyStore:
                     record.max_connections = max_connections
                 if disabled is not None:
                     record.disabled = disabled
+                if max_rate is not None:
+                    record.max_rate = max_rate
                 return key_hash
         return None
 
@@ -296,7 +313,8 @@ class RedisKeyStore:
         return sorted((r for r in records if r is not None), key=lambda r: r.name)
 
     async def update(self, name: str, *, symbols: tuple[str, ...] | None = None,
-                     max_connections: int | None = None, disabled: bool | None = None) -> str | None:
+                     max_connections: int | None = None, disabled: bool | None = None,
+                     max_rate: float | None = None) -> str | None:
         raw = cast(bytes | None, await self.client.hget(self.names.key_names, name))
         if raw is None:
             return None
@@ -308,6 +326,8 @@ class RedisKeyStore:
             changes["max_connections"] = str(max_connections)
         if disabled is not None:
             changes["disabled"] = "1" if disabled else "0"
+        if max_rate is not None:
+            changes["max_rate"] = repr(max_rate)
         if changes:
             await self.client.hset(self.names.key_record(key_hash), mapping=changes)  # type: ignore[arg-type]
         return key_hash

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import orjson
 from websockets.asyncio.client import connect
 
 from shared.bus import Message
+from shared.keystore import key_changed_event
 from shared.tick import Tick, encode_tick
 from tests.component.conftest import STATIC_KEY, Edge
-from tests.support.client import live_ticks, open_native, recv_json, send_json
+from tests.support.client import live_ticks, open_native, recv_json, send_json, until
 
 
 async def test_subscribe_gets_reply_then_snapshot_then_live_ticks(edge: Edge) -> None:
@@ -147,3 +149,40 @@ async def test_client_leaving_mid_subscribe_leaves_no_bus_subscription_behind() 
     finally:
         await app.stop(drain_timeout=0)
         await bus.close()
+
+
+async def test_max_rate_conflates_to_the_latest_tick_and_says_what_was_granted(edge: Edge) -> None:
+    async with await open_native(edge.port, STATIC_KEY) as ws:
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD"], "max_rate": 5, "id": 1})
+        reply = await recv_json(ws)
+        assert reply["max_rate"] == {"EURUSD": 5.0}
+        await recv_json(ws)  # snapshot
+        for _ in range(5):
+            await edge.tick("EURUSD", 20)  # 100 ticks in ~0.2 s
+            await asyncio.sleep(0.04)
+        await asyncio.sleep(0.3)
+        got = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                got.append(await recv_json(ws, timeout=0.3))
+    assert 1 <= len(got) <= 4, len(got)  # ~0.5 s of ticks at 5/s
+    assert got[-1]["seq"] == 101  # the latest always arrives
+    assert all(t["conflated"] for t in got[1:])
+
+
+async def test_a_keys_max_rate_caps_what_its_clients_get_live(edge: Edge) -> None:
+    await edge.add_key("free-key", "free", max_rate=1.0)
+    async with await open_native(edge.port, "free-key") as ws:
+        await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD", "GBPUSD"], "max_rate": 50})
+        assert (await recv_json(ws))["max_rate"] == {"EURUSD": 1.0, "GBPUSD": 1.0}
+        await send_json(ws, {"op": "unsubscribe", "symbols": ["GBPUSD"]})
+        await until(ws, lambda m: m["type"] == "unsubscribed")
+        await send_json(ws, {"op": "subscribe", "symbols": ["GBPUSD"]})  # asks for no limit
+        assert (await until(ws, lambda m: m["type"] == "subscribed"))["max_rate"] == {"GBPUSD": 1.0}
+        await recv_json(ws)
+        key_hash = await edge.store.update("free", max_rate=0.0)  # upgraded: unthrottled
+        assert key_hash is not None
+        await edge.bus.publish_control(key_changed_event(key_hash))
+        await asyncio.sleep(0.05)
+        await edge.tick("GBPUSD", 5)
+        assert [t["seq"] for t in await live_ticks(ws, 5)] == [2, 3, 4, 5, 6]

@@ -172,3 +172,32 @@ async def test_reference_counts_and_bus_subscription_come_back_to_what_is_needed
     await hub.synced()
     assert bus.symbols == set() and hub.symbols() == set()
     runner.cancel()
+
+
+async def test_a_max_rate_bucket_sends_the_latest_tick_at_most_that_often_framed_once() -> None:
+    fast, slow_a, slow_b = Recorder(), Recorder(), Recorder()
+    hub = await hub_with(History(), fast)
+    for w in (slow_a, slow_b):
+        hub.attach(w, "EURUSD", Position("e1", 1), tick(1), rate=10.0)  # type: ignore[arg-type]
+    for seq in range(2, 8):  # six ticks at once
+        hub.on_tick("EURUSD", tick(seq))
+    assert fast.seen == [2, 3, 4, 5, 6, 7]
+    assert slow_a.seen == [2]  # the first goes at once, the rest wait for the next slot
+    await asyncio.sleep(0.15)
+    assert slow_a.seen == [2, 7] and slow_a.frames[1] is slow_b.frames[1]
+    assert orjson.loads(slow_a.frames[1][2:])["conflated"] is True  # 3-6 were skipped, not lost
+    hub.on_tick("EURUSD", tick(8))  # within the slot: waits, replaces nothing
+    await asyncio.sleep(0.15)
+    assert slow_a.seen == [2, 7, 8] and "conflated" not in orjson.loads(slow_a.frames[2][2:])
+
+
+async def test_leaving_a_max_rate_bucket_cancels_its_timer() -> None:
+    slow = Recorder()
+    hub = await hub_with(History())
+    hub.attach(slow, "EURUSD", Position("e1", 1), tick(1), rate=1.0)  # type: ignore[arg-type]
+    hub.on_tick("EURUSD", tick(2))
+    hub.on_tick("EURUSD", tick(3))  # pending, timer armed
+    hub.detach(slow, ["EURUSD"])  # type: ignore[list-item]
+    hub.release(["EURUSD"])
+    await asyncio.sleep(0)
+    assert slow.seen == [2]

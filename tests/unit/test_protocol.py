@@ -104,3 +104,11 @@ def test_error_frame_shape() -> None:
 
     assert orjson.loads(error(ErrorCode.RATE_LIMITED, "slow down", 4)) == {
         "type": "error", "id": 4, "code": "rate_limited", "message": "slow down"}
+
+
+def test_max_rate_is_a_positive_number_of_ticks_a_second() -> None:
+    cmd = parse('{"op":"subscribe","symbols":["EURUSD"],"max_rate":2}')
+    assert isinstance(cmd, Subscribe) and cmd.max_rate == 2.0
+    for bad in ("0", "-1", "true", '"2"', "1001"):
+        with pytest.raises(FrameError):
+            parse('{"op":"subscribe","symbols":["EURUSD"],"max_rate":' + bad + "}")
