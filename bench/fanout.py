@@ -127,6 +127,8 @@ class ServerSpec:
     """Returns None when runnable, else the reason to skip."""
     metrics_prefix: str | None = None
     """Prometheus metric-name prefix scraped from GET /metrics at the window's end."""
+    loadclient_args: tuple[str, ...] = ()
+    """Extra load-client arguments (e.g. --max-rate: the same server, throttled clients)."""
 
 
 def edge_argv(ctx: Ctx) -> list[str]:
@@ -596,6 +598,7 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
             "--connect-timeout", str(connect_timeout),
             "--start-timeout", "15",
             "--linger", "1",
+            *spec.loadclient_args,
         ]  # fmt: skip
         lc = procs.start("loadclient", lc_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         pids["loadclient"] = lc.pid
@@ -905,6 +908,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra environment for the edge",
     )
     p.add_argument(
+        "--max-rate",
+        type=float,
+        default=0.0,
+        help="also run the edge with every client subscribed at this max_rate (ticks/s per symbol)",
+    )
+    p.add_argument(
         "--baseline-ref",
         action="append",
         default=[],
@@ -920,6 +929,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         servers = list(ALL_SERVERS)
     else:
         servers = ["edge"]
+    if args.max_rate:
+        spec = SERVERS["edge"]
+        name = f"edge max_rate={args.max_rate:g}"
+        SERVERS[name] = ServerSpec(name, spec.argv, spec.env, spec.available, spec.metrics_prefix,
+                                   ("--max-rate", str(args.max_rate)))
+        servers.append(name)
     for ref in args.baseline_ref:
         spec = baseline_edge(ref)
         SERVERS[spec.name] = spec

@@ -100,6 +100,7 @@ static const char *opt_path = "/v1/stream";
 static long opt_clients = 100;
 static char *opt_symbols_arg = NULL;
 static double opt_duration = 10.0;
+static double opt_max_rate = 0.0; /* > 0: subscribe with "max_rate" (ticks/s per symbol) */
 static double opt_warmup = 0.0;
 static double opt_slow_fraction = 0.0;
 static double opt_connect_rate = 1000.0;
@@ -720,6 +721,7 @@ static void parse_args(int argc, char **argv) {
         else if (strcmp(a, "--start-timeout") == 0) opt_start_timeout = atof(v);
         else if (strcmp(a, "--drain-slow") == 0) opt_drain_slow = atof(v);
         else if (strcmp(a, "--linger") == 0) opt_linger = atof(v);
+        else if (strcmp(a, "--max-rate") == 0) opt_max_rate = atof(v);
         else {
             fprintf(stderr, "loadclient: unknown option %s\n", a);
             usage();
@@ -747,13 +749,16 @@ static void build_requests(void) {
                      "\r\n",
                      opt_path, hostport);
     handshake_len = (size_t)n;
-    size_t pcap = 64;
+    size_t pcap = 96;
     for (size_t i = 0; i < nsym; i++) pcap += strlen(symbols[i]) + 3;
     char *p = malloc(pcap);
     size_t off = (size_t)snprintf(p, pcap, "{\"op\":\"subscribe\",\"symbols\":[");
     for (size_t i = 0; i < nsym; i++)
         off += (size_t)snprintf(p + off, pcap - off, "%s\"%s\"", i ? "," : "", symbols[i]);
-    off += (size_t)snprintf(p + off, pcap - off, "],\"id\":1}");
+    if (opt_max_rate > 0)
+        off += (size_t)snprintf(p + off, pcap - off, "],\"max_rate\":%g,\"id\":1}", opt_max_rate);
+    else
+        off += (size_t)snprintf(p + off, pcap - off, "],\"id\":1}");
     subscribe_frame_payload = (unsigned char *)p;
     subscribe_payload_len = off;
 }
