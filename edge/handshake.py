@@ -6,6 +6,7 @@ import email.utils
 import http
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from pathlib import Path
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
@@ -58,8 +59,47 @@ def http_response(status: int, body: bytes, content_type: str = "text/plain; cha
     return Response(code.value, code.phrase, headers, body)
 
 
+# The browser page (edge/static): a fixed allow-list of URL path -> (file, content type),
+# read once at import. Nothing else on disk is ever served, so no path can traverse.
+_STATIC_DIR = Path(__file__).resolve().parent / "static"
+_STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/client.js": ("client.js", "text/javascript; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+_STATIC_HEADERS = [
+    ("Cache-Control", "no-cache"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    # Same-origin scripts, styles and WebSocket only; the page is never framed.
+    ("Content-Security-Policy",
+     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self' ws: wss:; "
+     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+]
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    loaded: dict[str, tuple[bytes, str]] = {}
+    for url_path, (name, ctype) in _STATIC_FILES.items():
+        try:
+            loaded[url_path] = ((_STATIC_DIR / name).read_bytes(), ctype)
+        except OSError:
+            continue  # a trimmed install without the page: those paths are 404
+    return loaded
+
+
+_STATIC = _load_static()
+
+
 def endpoint_response(path: str, ready: Callable[[], bool]) -> Response:
-    """The plain HTTP endpoints beside the WebSocket ones: /healthz, /readyz, /metrics."""
+    """The plain HTTP endpoints beside the WebSocket ones: /healthz, /readyz, /metrics,
+    and the browser page (/, /client.js, /app.js, /app.css)."""
+    static = _STATIC.get(path)
+    if static is not None:
+        body, ctype = static
+        return http_response(200, body, ctype, _STATIC_HEADERS)
     if path == "/healthz":
         return http_response(200, b"ok\n")
     if path == "/readyz":
