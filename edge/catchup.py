@@ -79,6 +79,8 @@ def catch_up(since: Since | None, live: Last | None, stored: bytes | None,
             at = position_of(entry)
         except ValueError:
             break
+        if at.epoch == pos.epoch and at.seq < expect:
+            continue  # history and the edge's recent ticks overlap
         if at.epoch != pos.epoch or at.seq != expect or len(frames) >= replay_limit:
             break
         size += len(entry)

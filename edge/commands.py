@@ -225,8 +225,10 @@ class Commands:
             plans: dict[str, CatchUp | None] = {}
             room = writer.room() // 2
             for s in wanted:
-                plan = plans[s] = catch_up(since.get(s), hub.last(s), stored.get(s), history.get(s),
-                                           limit, room)
+                found = history.get(s)
+                if found is not None:  # the stream may have moved on while we read: the hub has it
+                    found = found + hub.recent(s)
+                plan = plans[s] = catch_up(since.get(s), hub.last(s), stored.get(s), found, limit, room)
                 room -= sum(map(len, plan.frames)) if plan is not None else 0
             # The stream moved on while we read: read the rest, a bounded number of times.
             if not any(p is not None and p.short for p in plans.values()) or not self._live:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ log = logging.getLogger("fxproxy.edge.hub")
 
 History = Callable[[str, int, int], Awaitable[list[bytes]]]
 MAX_HELD = 10_000  # live ticks of one symbol held during a repair before we stop waiting
+RECENT = 64  # ticks per symbol kept to complete resumes (see Stream.recent)
 
 
 @dataclass(slots=True)
@@ -61,6 +62,9 @@ class Stream:
     tradermade: set[Writer] = field(default_factory=set)
     throttles: dict[float, Throttle] = field(default_factory=dict)
     gates: dict[Writer, tuple[Position, bool, float | None]] = field(default_factory=dict)
+    # The last ticks delivered: a resume whose history read raced ahead of the stream is
+    # completed from here, with no second read.
+    recent: deque[bytes] = field(default_factory=lambda: deque(maxlen=RECENT))
 
     def add(self, writer: Writer, tradermade: bool, rate: float | None) -> None:
         if rate is None:
@@ -154,6 +158,11 @@ class Hub:
             return None
         return stream.position, stream.payload
 
+    def recent(self, symbol: str) -> list[bytes]:
+        """The last ticks this edge delivered for a symbol, oldest first."""
+        stream = self._streams.get(symbol)
+        return list(stream.recent) if stream is not None else []
+
     def attach(self, writer: Writer, symbol: str, position: Position, payload: bytes,
                tradermade: bool = False, rate: float | None = None) -> None:
         """Add a client that has been sent everything up to `position`.
@@ -227,6 +236,7 @@ class Hub:
                                                           "next": pos.seq})
                 self._announce(stream, symbol, pos.epoch, f"ticks {last.seq + 1}-{pos.seq - 1} lost")
         stream.position, stream.payload = pos, payload
+        stream.recent.append(payload)
         if stream.gates:
             self._open_gates(stream, pos)
         self._deliver(symbol, stream, payload)

@@ -78,3 +78,10 @@ def test_a_replay_over_the_byte_budget_is_refused_not_queued() -> None:
 def test_history_that_stops_before_the_edge_asks_for_another_read() -> None:
     plan = catch_up(Since("e1", 3), live(9), tick(7), [tick(s) for s in (4, 5, 6, 7)], 100, 10_000)
     assert plan is not None and plan.short and plan.recovered is False
+
+
+def test_a_history_read_the_stream_outran_is_completed_from_the_edges_recent_ticks() -> None:
+    history = [tick(s) for s in (4, 5, 6)]  # read while the edge went on to 9
+    recent = [tick(s) for s in (5, 6, 7, 8, 9)]
+    plan = catch_up(Since("e1", 3), live(9), tick(6), history + recent, 100, 10_000)
+    assert plan is not None and plan.recovered is True and seqs(plan.frames) == [4, 5, 6, 7, 8, 9]
