@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import itertools
 import json
 import os
@@ -40,89 +39,21 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from .debian import find_or_install
 from .ports import free_port
 
 __all__ = ["Browser", "Page", "find_chromium", "run_chromium"]
 
-_APT_PACKAGE = "chromium"
-_APT_TIMEOUT = 900.0
-_INSTALL_LOCK = Path(tempfile.gettempdir()) / "fxproxy-chromium-install.lock"
 _STARTUP_TIMEOUT = 20.0
 _STOP_TIMEOUT = 5.0
 _CDP_TIMEOUT = 15.0
 _START_ATTEMPTS = 3
 
 
-def _which_chromium() -> str | None:
-    for candidate in ("/usr/bin/chromium", "/usr/lib/chromium/chromium"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> str:
-    """Run an apt command; return "" on success, else what went wrong."""
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=_APT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return f"`{' '.join(cmd)}` took longer than {_APT_TIMEOUT:.0f} s"
-    if done.returncode != 0:
-        return f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr[-2000:]}"
-    return ""
-
-
-def _apt_install() -> str:
-    """Install Debian's chromium; return what went wrong, or "" on success."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    problems: list[str] = []
-    for refresh in (False, True):
-        if refresh:
-            problem = _run(["apt-get", "update"], env)
-            if problem:
-                problems.append(problem)
-                break
-        problem = _run(["apt-get", "install", "-y", "--no-install-recommends", _APT_PACKAGE], env)
-        if not problem:
-            return ""
-        problems.append(problem)
-    return "\n".join(problems)
-
-
 def find_chromium() -> str:
-    """Return the path of a Chromium binary, installing Debian's `chromium` if needed (root).
-
-    Raises RuntimeError when none can be had.
-    """
-    found = _which_chromium()
-    if found:
-        return found
-    problem = ""
-    if os.geteuid() == 0 and Path("/etc/debian_version").exists() and shutil.which("apt-get"):
-        # Parallel test workers would fight over the dpkg lock: one installs,
-        # the others wait and then find the binary.
-        with open(_INSTALL_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                found = _which_chromium()
-                if found:
-                    return found
-                problem = _apt_install()
-                found = _which_chromium()
-                if found:
-                    return found
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-    else:
-        problem = "not root on Debian, so it was not installed automatically"
-    raise RuntimeError(
-        "Chromium is required by the browser test but was not found as /usr/bin/chromium or on PATH "
-        f"({problem or 'installation reported success but no binary appeared'}). "
-        f"Install Debian's package, e.g. `apt-get install -y {_APT_PACKAGE}`."
-    )
+    """Return the path of a Chromium binary, installing Debian's `chromium` if need be."""
+    places = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
+    return find_or_install(["chromium", "chromium-browser"], places, ["chromium"], "the browser test")
 
 
 class CdpError(RuntimeError):

@@ -19,7 +19,6 @@ silently skip.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import grp
 import os
 import pwd
@@ -33,6 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .debian import find_or_install
 from .ports import free_port
 
 __all__ = ["SHIPPED_CONF", "find_nginx", "render_server_block", "run_nginx"]
@@ -40,9 +40,6 @@ __all__ = ["SHIPPED_CONF", "find_nginx", "render_server_block", "run_nginx"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONF = REPO_ROOT / "deploy" / "nginx" / "fxproxy.conf"
 
-_APT_PACKAGES = ("nginx-light", "nginx")
-_APT_TIMEOUT = 600.0
-_INSTALL_LOCK = Path(tempfile.gettempdir()) / "fxproxy-nginx-install.lock"
 _STARTUP_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
 # Graceful stop (SIGQUIT) waits for open connections, and a WebSocket may never
@@ -54,93 +51,11 @@ _LISTEN_RE = re.compile(r"^(?P<indent>[ \t]*)listen[ \t]+8080;[ \t]*$", re.MULTI
 _LOG_DIR = "/var/log/nginx/"
 
 
-def _which_nginx() -> str | None:
-    found = shutil.which("nginx")
-    if found:
-        return found
-    for candidate in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> str:
-    """Run an apt command; return "" on success, else what went wrong."""
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=_APT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return f"`{' '.join(cmd)}` took longer than {_APT_TIMEOUT:.0f} s"
-    if done.returncode != 0:
-        return f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr[-2000:]}"
-    return ""
-
-
-def _apt_install() -> str:
-    """Install nginx with apt-get; return what went wrong, or "" on success.
-
-    nginx-light first (Debian <= 12); Debian 13 dropped it, so plain nginx after.
-    `apt-get update` only if the first attempt fails.
-    """
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    # Installing must not start the packaged nginx service (it would listen on
-    # port 80 of every interface). Docker-style images ship a policy-rc.d that
-    # forbids starting services; when there is none, put one in place for the
-    # duration of the install.
-    policy = Path("/usr/sbin/policy-rc.d")
-    own_policy = not policy.exists()
-    if own_policy:
-        policy.write_text("#!/bin/sh\n# temporary, tests/support/nginx.py\nexit 101\n")
-        policy.chmod(0o755)
-    try:
-        problems: list[str] = []
-        for refresh in (False, True):
-            if refresh:
-                problem = _run(["apt-get", "update"], env)
-                if problem:
-                    problems.append(problem)
-                    break
-            for package in _APT_PACKAGES:
-                problem = _run(["apt-get", "install", "-y", "--no-install-recommends", package], env)
-                if not problem:
-                    return ""
-                problems.append(problem)
-        return "\n".join(problems)
-    finally:
-        if own_policy:
-            policy.unlink(missing_ok=True)
-
-
 def find_nginx() -> str:
-    """Return the path of an nginx binary, installing nginx-light if needed (root on Debian).
-
-    Raises RuntimeError when none can be had.
-    """
-    found = _which_nginx()
-    if found:
-        return found
-    problem = ""
-    if os.geteuid() == 0 and Path("/etc/debian_version").exists() and shutil.which("apt-get"):
-        # Parallel test workers would fight over the dpkg lock: one installs,
-        # the others wait and then find the binary.
-        with open(_INSTALL_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                found = _which_nginx()
-                if found:
-                    return found
-                problem = _apt_install()
-                found = _which_nginx()
-                if found:
-                    return found
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-    else:
-        problem = "not root on Debian, so it was not installed automatically"
-    raise RuntimeError(
-        "nginx is required by the end-to-end tests but was not found on PATH or in /usr/sbin "
-        f"({problem or 'installation reported success but no binary appeared'}). "
-        f"Install it, e.g. `apt-get install -y {_APT_PACKAGES[0]}`."
-    )
+    """Return the path of an nginx binary, installing nginx-light (or nginx) if need be."""
+    return find_or_install(["nginx"], ["/usr/sbin/nginx", "/usr/local/sbin/nginx",
+                                       "/usr/local/nginx/sbin/nginx"],
+                           ["nginx-light", "nginx"], "the end-to-end tests")
 
 
 def render_server_block(port: int, log_dir: Path, source: Path = SHIPPED_CONF) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from .debian import find_or_install
 from .ports import free_port
 
 __all__ = ["RedisServer", "find_redis_server"]
@@ -16,20 +16,8 @@ __all__ = ["RedisServer", "find_redis_server"]
 
 def find_redis_server() -> str:
     """Find redis-server; install Debian's package when root and it is missing."""
-    for candidate in (shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]
-        if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
-            subprocess.run(install, env=env, capture_output=True, timeout=600, check=True)
-        found = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if os.access(found, os.X_OK):
-            return found
-    raise RuntimeError("redis-server not found and could not be installed; install it "
-                       "(Debian: apt-get install redis-server) to run the integration tests")
+    return find_or_install(["redis-server"], ["/usr/bin/redis-server", "/usr/local/bin/redis-server"],
+                           ["redis-server"], "the integration tests")
 
 
 class RedisServer:
