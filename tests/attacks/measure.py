@@ -17,7 +17,6 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import API_KEY
-from tests.support.attackers import http_get
 from tests.support.client import open_native, recv_json, send_json
 
 # Tests run with a fast feed so that a stall shows up as a gap: 50 ticks/s per symbol, a tick of
@@ -214,18 +213,6 @@ class Sampler:
         if self._task is not None:
             await asyncio.wait_for(self._task, 5)
         self.rss.append((time.monotonic(), rss_mb(self.pid)))
-
-
-def metric(port: int, name: str, default: float | None = None) -> float:
-    """One sample from the edge's /metrics, named with its labels as exposed (`x{code="1013"}`)."""
-    status, body = http_get(port, "/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{}"):
-            return float(line.rsplit(" ", 1)[1])
-    if default is not None:
-        return default
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def edge_errors(log: str) -> list[str]:

@@ -17,8 +17,9 @@ import redis.asyncio as aioredis
 from fxproxy.simfeed import PAIRS
 from tests.conftest import API_KEY, Cluster
 from tests.support.attackers import OP_PING, connect_ws, flood_process, rst_close, text
+from tests.support.procs import metric
 
-from .measure import Sampler, baseline_gap, cpu_seconds, edge_errors, metric, neighbour, rss_mb
+from .measure import Sampler, baseline_gap, cpu_seconds, edge_errors, neighbour, rss_mb
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,9 @@ import redis.asyncio as aioredis
 from fxproxy.simfeed import PAIRS
 from tests.conftest import API_KEY, Cluster
 from tests.support.attackers import connect_ws, rst_close, text
+from tests.support.procs import metric
 
-from .measure import edge_errors, metric, neighbour
+from .measure import edge_errors, neighbour
 
 pytestmark = pytest.mark.integration
 

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import API_KEY, Cluster
 from tests.support.browser import Page, find_chromium, run_chromium
 from tests.support.nginx import run_nginx
+from tests.support.procs import metric
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +37,6 @@ def http_get(url: str) -> tuple[int, str, bytes]:
             return int(resp.status), resp.headers.get("Content-Type", ""), resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, "", b""
-
-
-def edge_connections(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("fxproxy_edge_connections "):
-                return float(line.split()[1])
-    return 0.0
 
 
 SNAPSHOT_JS = """(() => {
@@ -132,7 +125,7 @@ async def test_browser_board_through_nginx_shows_live_prices_and_resumes_after_a
             await page.evaluate(
                 "window.__subs = []; window.fxBoard.client.addEventListener("
                 "'subscribed', (e) => window.__subs.push(e.detail.recovered)); true")
-            serving = [(proc, p) for proc, p in edges if edge_connections(p) >= 1]
+            serving = [(proc, p) for proc, p in edges if metric(p, "fxproxy_edge_connections", 0.0) >= 1]
             assert len(serving) == 1, "the page holds one connection, on one edge"
             before = {s: r["seq"] for s, r in snap["rows"].items()}
             killed_at = time.monotonic()

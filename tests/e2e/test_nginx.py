@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.conftest import API_KEY, Cluster
 from tests.support.client import live_ticks, open_native, recv_json, send_json
 from tests.support.nginx import run_nginx
+from tests.support.procs import metric
 from tests.support.tail import assert_resumed_once_without_a_gap, tail_through_a_kill
 
 pytestmark = pytest.mark.integration
@@ -73,21 +74,13 @@ async def test_draining_edge_sends_clients_through_nginx_to_another_edge(cluster
             await ws.close()
 
 
-def edge_connections(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("fxproxy_edge_connections "):
-                return float(line.split()[1])
-    return 0.0
-
-
 def test_tail_json_behind_nginx_survives_a_kill_of_its_edge_without_a_gap(cluster: Cluster) -> None:
     cluster.simfeed(rate=50)
     cluster.ingestor()
     edges = [cluster.edge(), cluster.edge()]
 
     def kill_its_edge() -> None:  # the one nginx chose for it
-        next(proc for proc, p in edges if edge_connections(p) >= 1).kill()
+        next(proc for proc, p in edges if metric(p, "fxproxy_edge_connections", 0.0) >= 1).kill()
 
     with run_nginx([port for _, port in edges]) as port:
         events = tail_through_a_kill([f"ws://127.0.0.1:{port}/v1/stream"], kill_its_edge)

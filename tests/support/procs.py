@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["Proc", "wait_http", "wait_port"]
+__all__ = ["Proc", "metric", "wait_http", "wait_port"]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -44,6 +44,18 @@ def wait_http(url: str, timeout: float = 10.0, status: int = 200) -> None:
             last = exc
         time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+def metric(port: int, name: str, default: float | None = None) -> float:
+    """One sample from an edge's /metrics, named with its labels as exposed (`x{code="1013"}`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        body = resp.read().decode()
+    for line in body.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{}"):
+            return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
+    raise AssertionError(f"{name} not in /metrics")
 
 
 class Proc:
