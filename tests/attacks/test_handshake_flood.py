@@ -15,8 +15,9 @@ import pytest
 
 from tests.conftest import Cluster
 from tests.support.attackers import partial_upgrade
+from tests.support.procs import metric
 
-from .measure import Sampler, edge_errors, metric, neighbour, rss_mb
+from .measure import Sampler, edge_errors, neighbour, rss_mb
 
 pytestmark = pytest.mark.integration
 

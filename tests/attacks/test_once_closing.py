@@ -13,8 +13,9 @@ import pytest
 
 from tests.conftest import API_KEY, Cluster
 from tests.support.attackers import OP_CLOSE, OP_TEXT, connect_ws, drain, masked_frame, text
+from tests.support.procs import metric
 
-from .measure import edge_errors, metric, neighbour
+from .measure import edge_errors, neighbour
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ import pytest
 
 from tests.conftest import API_KEY, SYMBOLS, Cluster
 from tests.support.attackers import connect_ws, drain, text
+from tests.support.procs import metric
 
-from .measure import edge_errors, metric, neighbour
+from .measure import edge_errors, neighbour
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
