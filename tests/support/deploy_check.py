@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -49,7 +50,9 @@ __all__ = [
     "check_manifests",
     "check_nginx",
     "check_redis_configs",
+    "free_cluster_port",
     "main",
+    "sentinel_config_for",
     "shipped",
     "validate",
 ]
@@ -107,7 +110,7 @@ def tool(name: str) -> str:
     here = Path(sysconfig.get_path("scripts")) / name
     found = str(here) if here.exists() else shutil.which(name)
     if found is None:
-        raise RuntimeError(f"{name} is not installed: run scripts/bootstrap (pyproject's `test` extra has it)")
+        raise RuntimeError(f"{name} is not installed: run scripts/bootstrap (the `test` extra has it)")
     return found
 
 
@@ -264,9 +267,25 @@ def check_nginx(folder: Path) -> list[Problem]:
 # -- Redis -----------------------------------------------------------------------------------------
 
 
+def free_cluster_port() -> int:
+    """A free loopback port for a cluster node: Redis also binds port + 10000 (its cluster bus), so
+    the port must be at most 55535 and the bus port free as well."""
+    for _ in range(100):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a Redis Cluster node")
+
+
 def _start_redis(args: Sequence[str], workdir: Path, ready: Callable[[redis.Redis], object]) -> str:
     """Start redis-server with args on a free loopback port; "" once `ready(client)` answers, else why not."""
-    port = free_port()
+    port = free_cluster_port()
     log = workdir / "redis.log"
     proc = subprocess.Popen([find_redis_server(), *args, "--port", str(port), "--bind", "127.0.0.1",
                              "--dir", str(workdir), "--logfile", str(log), "--daemonize", "no"],
@@ -293,9 +312,9 @@ def _start_redis(args: Sequence[str], workdir: Path, ready: Callable[[redis.Redi
             proc.stderr.close()
 
 
-def sentinel_config_for(template: str, primary_port: int) -> str:
-    """The Sentinel template monitoring 127.0.0.1:primary_port instead of the compose service `redis`."""
-    text, count = _SENTINEL_MONITOR.subn(rf"sentinel monitor \1 127.0.0.1 {primary_port} \2", template)
+def sentinel_config_for(template: str, primary_port: int, host: str = "127.0.0.1") -> str:
+    """The Sentinel template monitoring host:primary_port instead of the compose service `redis`."""
+    text, count = _SENTINEL_MONITOR.subn(rf"sentinel monitor \1 {host} {primary_port} \2", template)
     if count != 1:
         raise ValueError(f"expected exactly one `sentinel monitor NAME HOST PORT QUORUM` line, found {count}")
     return text

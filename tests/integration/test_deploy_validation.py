@@ -1,0 +1,388 @@
+"""The deploy files validate offline, a broken copy of each kind is rejected, and the Redis setups work.
+
+`make validate` (tests/support/deploy_check.py) runs check-jsonschema (compose-spec),
+kubernetes-validate --strict, hadolint, nginx -t and redis-server on the shipped files; here the
+same checks run on the shipped files (they pass) and on copies in a temporary folder with one
+mistake each (they must fail, naming the mistake). The compose overrides' Redis Cluster init
+script and Sentinel template run for real on loopback redis-servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import yaml
+
+from tests.support.debian import find_or_install
+from tests.support.deploy_check import (
+    REPO_ROOT,
+    Problem,
+    check_compose,
+    check_dockerfiles,
+    check_kustomization,
+    check_manifests,
+    check_nginx,
+    check_redis_configs,
+    free_cluster_port,
+    sentinel_config_for,
+    shipped,
+    validate,
+)
+from tests.support.redis_server import find_redis_server
+
+REDIS_DIR = REPO_ROOT / "deploy" / "redis"
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the deploy files (compose files and deploy/) to break one thing in."""
+    for compose in REPO_ROOT.glob("docker-compose*.yml"):
+        shutil.copy2(compose, tmp_path / compose.name)
+    shutil.copytree(REPO_ROOT / "deploy", tmp_path / "deploy")
+    return tmp_path
+
+
+def break_file(path: Path, old: str, new: str) -> None:
+    """Replace exactly one occurrence of old, so the test breaks what it says it breaks."""
+    text = path.read_text(encoding="utf-8")
+    assert text.count(old) == 1, f"{path.name}: expected {old!r} exactly once"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def details(problems: list[Problem]) -> str:
+    return "\n".join(str(p) for p in problems)
+
+
+# -- the shipped files -----------------------------------------------------------------------------
+
+
+@pytest.mark.integration  # the Redis configs run in a real redis-server
+def test_every_shipped_deploy_file_passes_every_check() -> None:
+    lines: list[str] = []
+    started = time.monotonic()
+    problems = validate(REPO_ROOT, report=lines.append)
+    took = time.monotonic() - started
+    print(f"make validate's checks: {took:.1f} s", *lines, sep="\n")
+    assert problems == [], details(problems)
+    assert len(lines) == 6 and all(line.startswith("ok") for line in lines), lines
+    files = shipped(REPO_ROOT)
+    # What the checks ran on: the default compose file and both overrides, every manifest, the Dockerfile.
+    assert {p.name for p in files.compose} >= {"docker-compose.yml", "docker-compose.cluster.yml",
+                                               "docker-compose.sentinel.yml"}
+    assert {p.name for p in files.manifests} >= {"edge.yaml", "ingestor.yaml", "redis.yaml", "configmap.yaml"}
+    assert [p.name for p in files.dockerfiles] == ["Dockerfile"]
+    assert took < 60
+
+
+# -- broken copies ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("file", "old", "new", "named"), [
+    # a key compose does not know (a typo of stop_grace_period)
+    ("docker-compose.yml", "    stop_grace_period: 20s", "    stop_grace_perod: 20s", "stop_grace_perod"),
+    # a wrong type: expose takes a list
+    ("docker-compose.yml", '    expose:\n      - "8080"', '    expose: "8080"', "expose"),
+    # in an override too
+    ("docker-compose.cluster.yml", '    restart: "no"', "    restart: false", "restart"),
+    # an override that depends on a service no file defines
+    ("docker-compose.cluster.yml", "\n  redis-cluster-init:\n", "\n  redis-init:\n", "redis-cluster-init"),
+    # a bind mount of a folder that is not there
+    ("docker-compose.sentinel.yml", "./deploy/redis:/usr", "./deploy/redis-conf:/usr", "deploy/redis-conf"),
+])
+def test_a_broken_compose_file_is_rejected(checkout: Path, file: str, old: str, new: str,
+                                           named: str) -> None:
+    break_file(checkout / file, old, new)
+    problems = check_compose(shipped(checkout).compose, checkout / "docker-compose.yml")
+    assert problems, f"{file} with {new!r} passed"
+    assert named in details(problems), details(problems)
+
+
+@pytest.mark.parametrize(("file", "old", "new", "named"), [
+    # a wrong field type: replicas is an integer
+    ("edge.yaml", "  replicas: 3\n", '  replicas: "3"\n', "is not of type 'integer'"),
+    # an unknown field (strict mode)
+    ("edge.yaml", "      terminationGracePeriodSeconds: 30", "      terminationGracePeriodSecond: 30",
+     "'terminationGracePeriodSecond' was unexpected"),
+    # a field in the wrong place: minReadySeconds belongs to the Deployment, not its pod template
+    ("ingestor.yaml", "      enableServiceLinks: false\n",
+     "      enableServiceLinks: false\n      minReadySeconds: 5\n", "'minReadySeconds' was unexpected"),
+    # a misspelt kind: the tool only warns that it has no schema; that must fail too
+    ("edge.yaml", "kind: PodDisruptionBudget", "kind: PodDisruptionBudjet", "PodDisruptionBudjet"),
+])
+def test_a_broken_kubernetes_manifest_is_rejected(checkout: Path, file: str, old: str, new: str,
+                                                  named: str) -> None:
+    break_file(checkout / "deploy" / "k8s" / file, old, new)
+    problems = check_manifests(shipped(checkout).manifests)
+    assert problems, f"{file} with {new.strip()!r} passed"
+    assert named in details(problems) and file in details(problems), details(problems)
+
+
+@pytest.mark.parametrize(("old", "new", "named"), [
+    ("  - ingestor.yaml\n", "", "ingestor.yaml is not listed"),
+    ("  - simfeed.yaml ", "  - simfeeds.yaml ", "simfeeds.yaml does not exist"),
+])
+def test_a_kustomization_that_misses_or_invents_a_manifest_is_rejected(checkout: Path, old: str, new: str,
+                                                                       named: str) -> None:
+    files = shipped(checkout)
+    break_file(files.kustomization, old, new)
+    problems = check_kustomization(files.kustomization, files.manifests)
+    assert named in details(problems), details(problems)
+
+
+@pytest.mark.parametrize(("old", "new", "rule"), [
+    ("WORKDIR /tmp", "WORKDIR tmp", "DL3000"),                     # error: relative WORKDIR
+    ('ENTRYPOINT ["fxproxy"]', "ENTRYPOINT fxproxy", "DL3025"),    # warning: shell form, no signals
+    ("COPY shared/ shared/", "ADD shared/ shared/", "DL3020"),     # error: ADD for local files
+])
+def test_a_dockerfile_with_a_hadolint_finding_is_rejected(checkout: Path, old: str, new: str,
+                                                          rule: str) -> None:
+    dockerfile = checkout / "deploy" / "Dockerfile"
+    break_file(dockerfile, old, new)
+    problems = check_dockerfiles([dockerfile])
+    assert rule in details(problems), details(problems)
+
+
+@pytest.mark.parametrize(("file", "old", "new", "named"), [
+    ("fxproxy.conf", "proxy_read_timeout 1h;", "proxy_read_timout 1h;", "unknown directive"),
+    ("nginx.conf", "worker_connections 16384;", "worker_connections lots;", "invalid number"),
+    ("upstream.conf", "least_conn;", "least_conn", 'invalid number of arguments in "least_conn"'),
+])
+def test_a_broken_nginx_config_is_rejected(checkout: Path, file: str, old: str, new: str, named: str) -> None:
+    break_file(checkout / "deploy" / "nginx" / file, old, new)
+    problems = check_nginx(checkout / "deploy" / "nginx")
+    assert named in details(problems), details(problems)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("file", "old", "new"), [
+    ("cluster-node.conf", "appendfsync everysec", "appendfsync evrysec"),
+    ("cluster-node.conf", "cluster-node-timeout 5000", "cluster-node-timout 5000"),
+    ("sentinel.conf", "sentinel down-after-milliseconds fxproxy 5000",
+     "sentinel down-after-milisecond fxproxy 5000"),
+])
+def test_a_broken_redis_config_is_rejected(checkout: Path, file: str, old: str, new: str) -> None:
+    break_file(checkout / "deploy" / "redis" / file, old, new)
+    problems = check_redis_configs(checkout / "deploy" / "redis")
+    assert [p.path.name for p in problems] == [file], details(problems)
+    assert "exited" in problems[0].detail, problems[0].detail
+
+
+# -- what the files say ----------------------------------------------------------------------------
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(("file", "scheme", "suffix"), [
+    ("docker-compose.cluster.yml", "redis+cluster", ""),
+    ("docker-compose.sentinel.yml", "redis+sentinel", "/fxproxy"),
+])
+def test_each_compose_override_points_fxproxy_at_its_own_redis_and_runs_edge_workers(
+        file: str, scheme: str, suffix: str) -> None:
+    services = load(REPO_ROOT / file)["services"]
+    base = load(REPO_ROOT / "docker-compose.yml")["services"]
+    for role in ("ingestor", "edge"):
+        url = services[role]["environment"]["FXPROXY_REDIS_URL"]
+        parts = urlsplit(url)
+        assert parts.scheme == scheme and parts.path == suffix, url
+        hosts = [hostport.rsplit(":", 1)[0] for hostport in parts.netloc.split(",")]
+        assert len(hosts) == 3 and all(host in services for host in hosts), url
+        # fxproxy starts only once its Redis is there (merged onto the base's `redis` dependency).
+        assert set(services[role]["depends_on"]) & set(services), services[role]["depends_on"]
+    command = services["edge"]["command"]
+    assert command[command.index("--workers") + 1] == "2", command
+    # The base file is untouched by the overrides: the default `docker compose up` is a single Redis.
+    for role in ("ingestor", "edge"):
+        assert base[role]["environment"]["FXPROXY_REDIS_URL"] == "redis://redis:6379/0"
+    assert "--workers" not in base["edge"]["command"]
+
+
+def test_every_redis_node_of_the_overrides_keeps_the_aof_of_the_single_redis() -> None:
+    node = (REDIS_DIR / "cluster-node.conf").read_text(encoding="utf-8").splitlines()
+    assert {"appendonly yes", "appendfsync everysec", 'save ""'} <= set(node)
+    sentinel = load(REPO_ROOT / "docker-compose.sentinel.yml")["services"]
+    for name in ("redis", "redis-replica"):
+        argv = sentinel[name]["command"]
+        flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+        assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "everysec", argv
+
+
+def test_edges_on_kubernetes_run_one_worker_per_core_they_are_given() -> None:
+    deployment = next(d for d in yaml.safe_load_all((REPO_ROOT / "deploy/k8s/edge.yaml").read_text())
+                      if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    workers = env["FXPROXY_WORKERS"]["valueFrom"]["resourceFieldRef"]
+    assert workers == {"containerName": container["name"], "resource": "limits.cpu", "divisor": "1"}
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"], resources
+    assert int(resources["limits"]["cpu"]) >= 2, "whole cores, more than one worker"
+
+
+def test_the_redis_url_comes_from_the_secret_for_every_role_that_uses_redis() -> None:
+    k8s = REPO_ROOT / "deploy" / "k8s"
+    secret = load(k8s / "secret.example.yaml")
+    assert secret["stringData"]["FXPROXY_REDIS_URL"].startswith("redis://redis:6379")
+    assert "FXPROXY_REDIS_URL" not in load(k8s / "configmap.yaml")["data"]
+    for file in ("edge.yaml", "ingestor.yaml"):
+        deployment = next(d for d in yaml.safe_load_all((k8s / file).read_text())
+                          if d["kind"] == "Deployment")
+        env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        ref = env["FXPROXY_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "fxproxy-secrets", "key": "FXPROXY_REDIS_URL"}, file
+
+
+# -- the Redis setups, for real ----------------------------------------------------------------------
+
+
+def find_redis_cli() -> str:
+    return find_or_install(["redis-cli"], ["/usr/bin/redis-cli"], ["redis-tools"], __name__)
+
+
+@contextlib.contextmanager
+def redis_processes() -> Iterator[Callable[..., int]]:
+    """start(*args) runs a redis-server (or Sentinel) on a free loopback port in its own folder; all
+    that were started are killed at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, workdir: Path) -> int:
+        port = free_cluster_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        # `-::1`: also on IPv6 loopback where there is one, since `localhost` may resolve to it.
+        proc = subprocess.Popen([find_redis_server(), *args, "--port", str(port), "--bind", "127.0.0.1",
+                                 "-::1", "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
+                                cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(proc)
+        client = redis.Redis(port=port, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, (workdir / "redis.log").read_text()[-800:]
+            with contextlib.suppress(redis.RedisError):
+                client.ping()
+                break
+            assert time.monotonic() < deadline, "redis did not answer PING within 10 s"
+            time.sleep(0.05)
+        client.close()
+        return port
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float) -> float:
+    """Seconds until condition() holds; fails the test after timeout."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def cluster_info(client: redis.Redis) -> dict[str, str]:
+    text = client.execute_command("CLUSTER", "INFO")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return dict(line.split(":", 1) for line in text.split())
+
+
+def run_init(ports: list[int]) -> subprocess.CompletedProcess[str]:
+    cli_dir = str(Path(find_redis_cli()).parent)
+    return subprocess.run(["sh", str(REDIS_DIR / "cluster-init.sh"), *(f"127.0.0.1:{p}" for p in ports)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={"PATH": f"{cli_dir}:/usr/bin:/bin"})
+
+
+@pytest.mark.integration
+def test_the_cluster_init_makes_three_primaries_once_and_reruns_without_harm(tmp_path: Path) -> None:
+    with redis_processes() as start:
+        ports = [start(str(REDIS_DIR / "cluster-node.conf"), "--cluster-announce-hostname", "localhost",
+                       workdir=tmp_path / f"node{i}") for i in range(3)]
+        started = time.monotonic()
+        first = run_init(ports)
+        created = time.monotonic() - started
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "creating the cluster" in first.stdout
+
+        client = redis.Redis(port=ports[0], decode_responses=True)
+        info = cluster_info(client)
+        assert info["cluster_state"] == "ok" and int(info["cluster_size"]) == 3, info
+        # Clients are sent node names, not addresses (cluster-preferred-endpoint-type hostname).
+        slots = client.execute_command("CLUSTER", "SHARDS")
+        assert len(slots) == 3
+        assert {node["endpoint"] for shard in slots for node in shard["nodes"]} == {"localhost"}, slots
+        assert sum(end - begin + 1 for shard in slots for begin, end in zip(shard["slots"][::2],
+                                                                              shard["slots"][1::2],
+                                                                              strict=True)) == 16384
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        ids = {node["id"] for shard in slots for node in shard["nodes"]}
+
+        started = time.monotonic()
+        again = run_init(ports)
+        rerun = time.monotonic() - started
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "cluster exists" in again.stdout
+        # The same three nodes: nothing was recreated, and the handshakes of the re-introduction end.
+        settled = wait_for("known nodes back to 3",
+                           lambda: cluster_info(client)["cluster_known_nodes"] == "3", timeout=20)
+        shards = client.execute_command("CLUSTER", "SHARDS")
+        assert {node["id"] for shard in shards for node in shard["nodes"]} == ids
+        client.close()
+    print(f"cluster created and ok in {created:.2f} s; re-run {rerun:.2f} s, "
+          f"handshakes settled {settled:.2f} s later")
+    assert created < 30 and rerun < 30
+
+
+@pytest.mark.integration
+def test_the_sentinel_template_finds_its_peers_and_fails_over(tmp_path: Path) -> None:
+    """Three Sentinels made from deploy/redis/sentinel.conf the way the compose file makes them."""
+    template = (REDIS_DIR / "sentinel.conf").read_text(encoding="utf-8")
+    with redis_processes() as start:
+        primary = start("--save", "", "--replica-announce-ip", "localhost", workdir=tmp_path / "primary")
+        replica = start("--save", "", "--replica-announce-ip", "localhost", "--replicaof", "127.0.0.1",
+                        str(primary), workdir=tmp_path / "replica")
+        sentinels = []
+        for i in range(3):
+            folder = tmp_path / f"sentinel{i}"
+            folder.mkdir()
+            # What the compose command does: copy the template, append this Sentinel's name.
+            conf = sentinel_config_for(template, primary, "localhost") + "sentinel announce-ip localhost\n"
+            (folder / "sentinel.conf").write_text(conf, encoding="utf-8")
+            sentinels.append(start(str(folder / "sentinel.conf"), "--sentinel", workdir=folder))
+        clients = [redis.Redis(port=p, decode_responses=True) for p in sentinels]
+
+        def everyone_knows_everyone() -> bool:
+            for client in clients:
+                master = client.execute_command("SENTINEL", "MASTER", "fxproxy")
+                if int(master["num-other-sentinels"]) != 2 or int(master["num-slaves"]) != 1:
+                    return False
+            return True
+
+        discovered = wait_for("Sentinels and replica discovered", everyone_knows_everyone, timeout=30)
+        addr = clients[0].execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "fxproxy")
+        assert [addr[0], int(addr[1])] == ["localhost", primary], addr
+        replica_client = redis.Redis(port=replica, decode_responses=True)
+        synced = wait_for("replica in sync", lambda: replica_client.info("replication")["master_link_status"]
+                          == "up", timeout=30)
+
+        assert clients[0].execute_command("SENTINEL", "FAILOVER", "fxproxy") in (b"OK", "OK", True)
+        failed_over = wait_for("replica promoted", lambda: all(
+            int(c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "fxproxy")[1]) == replica
+            for c in clients), timeout=30)
+        for client in [*clients, replica_client]:
+            client.close()
+    print(f"Sentinels discovered each other and the replica in {discovered:.1f} s, replica synced "
+          f"{synced:.1f} s later; SENTINEL FAILOVER promoted it in {failed_over:.1f} s")
+    assert failed_over < 20
