@@ -176,6 +176,15 @@ def test_a_broken_redis_config_is_rejected(checkout: Path, file: str, old: str, 
     assert "exited" in problems[0].detail, problems[0].detail
 
 
+def test_ci_validates_the_deploy_files_after_the_readme_test_command_and_the_linters() -> None:
+    steps = [line for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+             if line.startswith("make ")]
+    assert steps == ["make test", "make lint", "make validate"], steps
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "\nvalidate:" in makefile and "scripts/validate-deploy" in makefile
+    assert "make validate" in (REPO_ROOT / "README.md").read_text()
+
+
 # -- what the files say ----------------------------------------------------------------------------
 
 
