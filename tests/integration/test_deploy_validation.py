@@ -86,6 +86,18 @@ def test_every_shipped_deploy_file_passes_every_check() -> None:
 # -- broken copies ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
+def test_make_validate_fails_on_one_broken_file_and_says_which_check(checkout: Path) -> None:
+    break_file(checkout / "deploy" / "k8s" / "ingestor.yaml", "  replicas: 2\n", "  replicas: two\n")
+    lines: list[str] = []
+    problems = validate(checkout, report=lines.append)
+    assert [p.check for p in problems] == ["kubernetes"], details(problems)
+    verdicts = [line.split()[:2] for line in lines if not line.startswith(" ")]
+    assert verdicts == [["ok", "compose"], ["FAIL", "kubernetes"], ["ok", "kustomization"],
+                        ["ok", "dockerfiles"], ["ok", "nginx"], ["ok", "redis"]], lines
+    assert any("ingestor.yaml" in line and "replicas" in line for line in lines), lines
+
+
 @pytest.mark.parametrize(("file", "old", "new", "named"), [
     # a key compose does not know (a typo of stop_grace_period)
     ("docker-compose.yml", "    stop_grace_period: 20s", "    stop_grace_perod: 20s", "stop_grace_perod"),

@@ -15,8 +15,8 @@
 - Redis: a real redis-server starts with each shipped config (cluster node; Sentinel in sentinel mode).
 
 Monitoring files are checked by promtool in tests/integration/test_monitoring.py. Each check returns
-the problems it found (none: it passed), so tests/unit/test_deploy_validation.py runs the same checks
-on broken copies.
+the problems it found (none: it passed), so tests/integration/test_deploy_validation.py runs the same
+checks on broken copies.
 """
 
 from __future__ import annotations
