@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +82,28 @@ def test_every_shipped_deploy_file_passes_every_check() -> None:
     assert {p.name for p in files.manifests} >= {"edge.yaml", "ingestor.yaml", "redis.yaml", "configmap.yaml"}
     assert [p.name for p in files.dockerfiles] == ["Dockerfile"]
     assert took < 60
+
+
+_OFFLINE_CHECKS = """
+import sys
+from tests.support.deploy_check import check_compose, check_dockerfiles, check_manifests, shipped
+files = shipped()
+problems = [*check_compose(files.compose), *check_manifests(files.manifests),
+            *check_dockerfiles(files.dockerfiles)]
+print(*problems, sep="\\n")
+sys.exit(1 if problems else 0)
+"""
+
+
+def test_the_schema_and_lint_checks_need_no_network() -> None:
+    """The compose-spec and Kubernetes schemas and hadolint ship inside their packages: the three
+    tool checks pass in a network namespace of their own, which has no interface up at all."""
+    unshare = find_or_install(["unshare"], ["/usr/bin/unshare"], ["util-linux"], __name__)
+    started = time.monotonic()
+    done = subprocess.run([unshare, "--net", sys.executable, "-c", _OFFLINE_CHECKS], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    print(f"offline compose, Kubernetes and Dockerfile checks: {time.monotonic() - started:.1f} s")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- broken copies ---------------------------------------------------------------------------------
