@@ -3,24 +3,21 @@
 `make validate` (tests/support/deploy_check.py) runs check-jsonschema (compose-spec),
 kubernetes-validate --strict, hadolint, nginx -t and redis-server on the shipped files; here the
 same checks run on the shipped files (they pass) and on copies in a temporary folder with one
-mistake each (they must fail, naming the mistake). The compose overrides' Redis Cluster init
-script and Sentinel template run for real on loopback redis-servers.
+mistake each (they must fail, naming the mistake). The Redis setups themselves run in
+test_deploy_redis_setups.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 import yaml
 
 from tests.support.debian import find_or_install
@@ -33,12 +30,9 @@ from tests.support.deploy_check import (
     check_manifests,
     check_nginx,
     check_redis_configs,
-    free_cluster_port,
-    sentinel_config_for,
     shipped,
     validate,
 )
-from tests.support.redis_server import find_redis_server
 
 REDIS_DIR = REPO_ROOT / "deploy" / "redis"
 
@@ -284,149 +278,3 @@ def test_the_redis_url_comes_from_the_secret_for_every_role_that_uses_redis() ->
         env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
         ref = env["FXPROXY_REDIS_URL"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "fxproxy-secrets", "key": "FXPROXY_REDIS_URL"}, file
-
-
-# -- the Redis setups, for real ----------------------------------------------------------------------
-
-
-def find_redis_cli() -> str:
-    return find_or_install(["redis-cli"], ["/usr/bin/redis-cli"], ["redis-tools"], __name__)
-
-
-@contextlib.contextmanager
-def redis_processes() -> Iterator[Callable[..., int]]:
-    """start(*args) runs a redis-server (or Sentinel) on a free loopback port in its own folder; all
-    that were started are killed at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, workdir: Path) -> int:
-        port = free_cluster_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        # `-::1`: also on IPv6 loopback where there is one, since `localhost` may resolve to it.
-        proc = subprocess.Popen([find_redis_server(), *args, "--port", str(port), "--bind", "127.0.0.1",
-                                 "-::1", "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-                                cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(proc)
-        client = redis.Redis(port=port, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, (workdir / "redis.log").read_text()[-800:]
-            with contextlib.suppress(redis.RedisError):
-                client.ping()
-                break
-            assert time.monotonic() < deadline, "redis did not answer PING within 10 s"
-            time.sleep(0.05)
-        client.close()
-        return port
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float) -> float:
-    """Seconds until condition() holds; fails the test after timeout."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.1)
-    return time.monotonic() - started
-
-
-def cluster_info(client: redis.Redis) -> dict[str, str]:
-    text = client.execute_command("CLUSTER", "INFO")
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    return dict(line.split(":", 1) for line in text.split())
-
-
-def run_init(ports: list[int]) -> subprocess.CompletedProcess[str]:
-    cli_dir = str(Path(find_redis_cli()).parent)
-    return subprocess.run(["sh", str(REDIS_DIR / "cluster-init.sh"), *(f"127.0.0.1:{p}" for p in ports)],
-                          capture_output=True, text=True, timeout=120, check=False,
-                          env={"PATH": f"{cli_dir}:/usr/bin:/bin"})
-
-
-@pytest.mark.integration
-def test_the_cluster_init_makes_three_primaries_once_and_reruns_without_harm(tmp_path: Path) -> None:
-    with redis_processes() as start:
-        ports = [start(str(REDIS_DIR / "cluster-node.conf"), "--cluster-announce-hostname", "localhost",
-                       workdir=tmp_path / f"node{i}") for i in range(3)]
-        started = time.monotonic()
-        first = run_init(ports)
-        created = time.monotonic() - started
-        assert first.returncode == 0, first.stdout + first.stderr
-        assert "creating the cluster" in first.stdout
-
-        client = redis.Redis(port=ports[0], decode_responses=True)
-        info = cluster_info(client)
-        assert info["cluster_state"] == "ok" and int(info["cluster_size"]) == 3, info
-        # Clients are sent node names, not addresses (cluster-preferred-endpoint-type hostname).
-        slots = client.execute_command("CLUSTER", "SHARDS")
-        assert len(slots) == 3
-        assert {node["endpoint"] for shard in slots for node in shard["nodes"]} == {"localhost"}, slots
-        assert sum(end - begin + 1 for shard in slots for begin, end in zip(shard["slots"][::2],
-                                                                              shard["slots"][1::2],
-                                                                              strict=True)) == 16384
-        assert client.config_get("appendonly") == {"appendonly": "yes"}
-        ids = {node["id"] for shard in slots for node in shard["nodes"]}
-
-        started = time.monotonic()
-        again = run_init(ports)
-        rerun = time.monotonic() - started
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert "cluster exists" in again.stdout
-        # The same three nodes: nothing was recreated, and the handshakes of the re-introduction end.
-        settled = wait_for("known nodes back to 3",
-                           lambda: cluster_info(client)["cluster_known_nodes"] == "3", timeout=20)
-        shards = client.execute_command("CLUSTER", "SHARDS")
-        assert {node["id"] for shard in shards for node in shard["nodes"]} == ids
-        client.close()
-    print(f"cluster created and ok in {created:.2f} s; re-run {rerun:.2f} s, "
-          f"handshakes settled {settled:.2f} s later")
-    assert created < 30 and rerun < 30
-
-
-@pytest.mark.integration
-def test_the_sentinel_template_finds_its_peers_and_fails_over(tmp_path: Path) -> None:
-    """Three Sentinels made from deploy/redis/sentinel.conf the way the compose file makes them."""
-    template = (REDIS_DIR / "sentinel.conf").read_text(encoding="utf-8")
-    with redis_processes() as start:
-        primary = start("--save", "", "--replica-announce-ip", "localhost", workdir=tmp_path / "primary")
-        replica = start("--save", "", "--replica-announce-ip", "localhost", "--replicaof", "127.0.0.1",
-                        str(primary), workdir=tmp_path / "replica")
-        sentinels = []
-        for i in range(3):
-            folder = tmp_path / f"sentinel{i}"
-            folder.mkdir()
-            # What the compose command does: copy the template, append this Sentinel's name.
-            conf = sentinel_config_for(template, primary, "localhost") + "sentinel announce-ip localhost\n"
-            (folder / "sentinel.conf").write_text(conf, encoding="utf-8")
-            sentinels.append(start(str(folder / "sentinel.conf"), "--sentinel", workdir=folder))
-        clients = [redis.Redis(port=p, decode_responses=True) for p in sentinels]
-
-        def everyone_knows_everyone() -> bool:
-            for client in clients:
-                master = client.execute_command("SENTINEL", "MASTER", "fxproxy")
-                if int(master["num-other-sentinels"]) != 2 or int(master["num-slaves"]) != 1:
-                    return False
-            return True
-
-        discovered = wait_for("Sentinels and replica discovered", everyone_knows_everyone, timeout=30)
-        addr = clients[0].execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "fxproxy")
-        assert [addr[0], int(addr[1])] == ["localhost", primary], addr
-        replica_client = redis.Redis(port=replica, decode_responses=True)
-        synced = wait_for("replica in sync", lambda: replica_client.info("replication")["master_link_status"]
-                          == "up", timeout=30)
-
-        assert clients[0].execute_command("SENTINEL", "FAILOVER", "fxproxy") in (b"OK", "OK", True)
-        failed_over = wait_for("replica promoted", lambda: all(
-            int(c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "fxproxy")[1]) == replica
-            for c in clients), timeout=30)
-        for client in [*clients, replica_client]:
-            client.close()
-    print(f"Sentinels discovered each other and the replica in {discovered:.1f} s, replica synced "
-          f"{synced:.1f} s later; SENTINEL FAILOVER promoted it in {failed_over:.1f} s")
-    assert failed_over < 20

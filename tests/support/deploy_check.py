@@ -284,8 +284,21 @@ def free_cluster_port() -> int:
 
 
 def _start_redis(args: Sequence[str], workdir: Path, ready: Callable[[redis.Redis], object]) -> str:
-    """Start redis-server with args on a free loopback port; "" once `ready(client)` answers, else why not."""
+    """Start redis-server with args on a free loopback port; "" once `ready(client)` answers, else why not.
+
+    The free port may be taken before redis binds it (tests run beside this): then another one.
+    """
+    why = ""
+    for _attempt in range(3):
+        why = _start_redis_once(args, workdir, ready)
+        if "Address already in use" not in why:
+            break
+    return why
+
+
+def _start_redis_once(args: Sequence[str], workdir: Path, ready: Callable[[redis.Redis], object]) -> str:
     port = free_cluster_port()
+    (workdir / "redis.log").unlink(missing_ok=True)
     log = workdir / "redis.log"
     proc = subprocess.Popen([find_redis_server(), *args, "--port", str(port), "--bind", "127.0.0.1",
                              "--dir", str(workdir), "--logfile", str(log), "--daemonize", "no"],
