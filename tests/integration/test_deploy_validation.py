@@ -68,7 +68,8 @@ def test_every_shipped_deploy_file_passes_every_check() -> None:
     took = time.monotonic() - started
     print(f"make validate's checks: {took:.1f} s", *lines, sep="\n")
     assert problems == [], details(problems)
-    assert len(lines) == 6 and all(line.startswith("ok") for line in lines), lines
+    assert len(lines) == 7 and all(line.startswith("ok") for line in lines[:6]), lines
+    assert lines[-1] == "validate: 6 passed, 0 failed", lines
     files = shipped(REPO_ROOT)
     # What the checks ran on: the default compose file and both overrides, every manifest, the Dockerfile.
     assert {p.name for p in files.compose} >= {"docker-compose.yml", "docker-compose.cluster.yml",
@@ -111,7 +112,9 @@ def test_make_validate_fails_on_one_broken_file_and_says_which_check(checkout: P
     assert [p.check for p in problems] == ["kubernetes"], details(problems)
     verdicts = [line.split()[:2] for line in lines if not line.startswith(" ")]
     assert verdicts == [["ok", "compose"], ["FAIL", "kubernetes"], ["ok", "kustomization"],
-                        ["ok", "dockerfiles"], ["ok", "nginx"], ["ok", "redis"]], lines
+                        ["ok", "dockerfiles"], ["ok", "nginx"], ["ok", "redis"],
+                        ["validate:", "5"]], lines
+    assert lines[-1] == "validate: 5 passed, 1 failed", lines
     assert any("ingestor.yaml" in line and "replicas" in line for line in lines), lines
 
 
