@@ -1,5 +1,5 @@
 # The few commands a contributor needs. Each one sets up .venv first if it must.
-.PHONY: demo test lint bench bench-compare check clean
+.PHONY: demo test lint validate bench bench-compare check clean
 
 demo:            ## run the whole pipeline in one process, no Redis needed
 	@scripts/bootstrap
@@ -15,7 +15,10 @@ lint:            ## ruff and mypy --strict
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-check: test lint ## what CI runs
+validate:        ## the deploy files (compose, Kubernetes, Dockerfile, nginx, Redis configs), offline
+	@scripts/validate-deploy
+
+check: test lint validate ## what CI runs
 
 bench:           ## fan-out benchmark of the edge (see bench/README.md)
 	@scripts/bootstrap
