@@ -25,23 +25,27 @@ STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
 class DemandPolicy:
     """The symbols to stream, given the demand seen at `now`: the static ones first (always on),
-    then on-demand ones in the order they were first wanted, each kept until nobody has wanted
-    it for `grace` seconds. Symbols outside the catalogue are ignored."""
+    then on-demand ones in the order they were first wanted, each kept until `grace` seconds
+    after the first look that found nobody wanting it. Symbols outside the catalogue are ignored."""
 
     def __init__(self, static: Sequence[str], globs: Sequence[str], grace: float) -> None:
         self.catalog = Catalog(tuple(dict.fromkeys(static)), tuple(globs))
         self._grace = grace
-        self._seen: dict[str, float] = {}  # on-demand symbol -> when demand last held it
+        self._streamed: dict[str, float | None] = {}  # on-demand symbol -> since when unwanted
 
     def update(self, demand: Collection[str], now: float) -> tuple[str, ...]:
         static = self.catalog.static
         for symbol in demand:
             if symbol not in static and self.catalog.on_demand_allows(symbol):
-                self._seen[symbol] = now  # an existing key keeps its place: first-wanted order
-        for symbol, at in list(self._seen.items()):
-            if symbol not in demand and now - at >= self._grace:
-                del self._seen[symbol]
-        return static + tuple(self._seen)
+                self._streamed[symbol] = None  # an existing key keeps its place: first-wanted order
+        for symbol, unwanted in list(self._streamed.items()):
+            if symbol in demand:
+                continue
+            if unwanted is None:
+                self._streamed[symbol] = unwanted = now
+            if now - unwanted >= self._grace:
+                del self._streamed[symbol]
+        return static + tuple(self._streamed)
 
 
 OnChange = Callable[[tuple[str, ...]], None]

@@ -32,15 +32,16 @@ def test_only_symbols_matching_the_on_demand_globs_are_streamed() -> None:
 def test_an_on_demand_symbol_nobody_wants_is_dropped_only_after_the_grace_period() -> None:
     policy = DemandPolicy(["EURUSD"], ["*"], grace=30)
     policy.update({"XAUUSD"}, 100.0)
-    assert policy.update(set(), 110.0) == ("EURUSD", "XAUUSD")
-    assert policy.update(set(), 129.9) == ("EURUSD", "XAUUSD")
-    assert policy.update(set(), 130.0) == ("EURUSD",)
-    # Wanted again inside the grace: the clock restarts from the last time it was wanted.
+    assert policy.update(set(), 110.0) == ("EURUSD", "XAUUSD")  # the grace starts now
+    assert policy.update(set(), 139.9) == ("EURUSD", "XAUUSD")
+    assert policy.update(set(), 140.0) == ("EURUSD",)
+    # Wanted again inside the grace: it starts over the next time nobody wants it.
     policy.update({"XAUUSD"}, 200.0)
     policy.update(set(), 210.0)
     policy.update({"XAUUSD"}, 225.0)
     assert policy.update(set(), 250.0) == ("EURUSD", "XAUUSD")
-    assert policy.update(set(), 255.0) == ("EURUSD",)
+    assert policy.update(set(), 279.9) == ("EURUSD", "XAUUSD")
+    assert policy.update(set(), 280.0) == ("EURUSD",)
 
 
 def test_zero_grace_drops_at_the_first_poll_without_demand() -> None:
