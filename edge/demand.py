@@ -86,7 +86,8 @@ class EdgeDemand:
     async def judge(self, symbols: Collection[str]) -> dict[str, Refusal | None]:
         """judge() with the catalogue (cached CATALOG_TTL) and the statuses of those it allows."""
         now = asyncio.get_running_loop().time()
-        if self._catalog_at is None or now - self._catalog_at > CATALOG_TTL:
+        if self._catalog is None or self._catalog_at is None or now - self._catalog_at > CATALOG_TTL:
+            # None (no leader has written one yet) is not kept: the first one is used at once.
             self._catalog = await self.store.catalog()
             self._catalog_at = now
         catalog = self._catalog
