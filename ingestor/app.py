@@ -175,6 +175,7 @@ async def _stream(settings: IngestorSettings, state: _State, publisher: Publishe
     set replaces the upstream by one logged in with the new list; the pool's want() will not."""
     wanted: tuple[str, ...] = ()
     changed = asyncio.Event()
+    reported: set[str] = set()  # reported "streaming" already (the watcher clears dropped ones)
 
     def on_change(symbols: tuple[str, ...]) -> None:
         nonlocal wanted
@@ -201,11 +202,13 @@ async def _stream(settings: IngestorSettings, state: _State, publisher: Publishe
                 with contextlib.suppress(asyncio.CancelledError):
                     await upstream_task  # logged out first: the vendor may allow one session
             metrics.UPSTREAM_SYMBOLS.set(len(wanted))
-            unseen = set(wanted)  # "streaming" is reported with each symbol's first quote
+            reported.intersection_update(wanted)
+            unseen = set(wanted) - reported  # "streaming" goes out with a symbol's first quote
 
             def on_quote(quote: Quote, unseen: set[str] = unseen) -> None:
                 if unseen and quote.symbol in unseen:
                     unseen.discard(quote.symbol)
+                    reported.add(quote.symbol)
                     reporter.report(quote.symbol, "streaming")
                 publisher.put(state.sequencer.number(quote))
 
