@@ -17,7 +17,9 @@ import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.demand import symbol_status_event
+from shared.demand import Catalog, RedisDemandStore, symbol_status_event
+from shared.keystore import RedisKeyStore
+from shared.redis_bus import RedisBus
 from tests.conftest import API_KEY, SYMBOLS, Cluster
 from tests.support.client import assert_no_gaps, live_ticks, open_native, recv_json, send_json, until
 from tests.support.ports import free_port
@@ -64,6 +66,31 @@ async def streaming(port: int) -> ClientConnection:
 
 async def first_tick(ws: ClientConnection, symbol: str, timeout: float = 10.0) -> dict[str, Any]:
     return await until(ws, lambda m: m.get("type") == "tick" and m["symbol"] == symbol, timeout)
+
+
+async def test_redis_store_unions_only_live_edges_and_a_set_expires_with_its_ttl(redis_url: str) -> None:
+    bus = RedisBus.from_url(redis_url)
+    store, keys = RedisDemandStore(bus.client, bus.names), RedisKeyStore(bus.client, bus.names)
+    try:
+        for edge in ("a", "b", "dead"):
+            await store.publish(edge, {f"{edge.upper()}XXX", "XAUUSD"}, ttl=0.3)
+        await keys.heartbeat("a", 0.3)
+        await keys.heartbeat("b", 0.3)
+        assert await store.union() == {"AXXX", "BXXX", "XAUUSD"}  # "dead" never beat
+        await store.publish("b", set(), ttl=0.3)  # its clients left
+        assert await store.union() == {"AXXX", "XAUUSD"}
+        await asyncio.sleep(0.35)
+        assert await store.union() == set()  # heartbeats and sets ran out
+        assert await bus.client.exists("fx:demand:a") == 0
+        await store.write_catalog(Catalog(("EURUSD",), ("XAU*",)))
+        assert await store.catalog() == Catalog(("EURUSD",), ("XAU*",))
+        await store.set_status("XAUUSD", "capacity")
+        await bus.client.hset("fx:symstatus", "JUNK", "nonsense")
+        assert await store.statuses(["XAUUSD", "JUNK", "USDSEK"]) == {"XAUUSD": "capacity"}
+        await store.clear_status(["XAUUSD"])
+        assert await store.statuses(["XAUUSD"]) == {}
+    finally:
+        await bus.close()
 
 
 async def test_a_called_up_symbol_streams_then_is_dropped_after_the_grace(cluster: Cluster) -> None:
