@@ -174,7 +174,6 @@ async def test_capacity_status_reaches_the_pending_client_through_redis(cluster:
         client.close()
 
 
-@pytest.mark.slow
 async def test_demand_survives_a_leader_change(cluster: Cluster) -> None:
     cluster.simfeed()
     ingestors = {node: ingestor(cluster, FXPROXY_NODE_ID=node, FXPROXY_LEADER_TTL="1")
@@ -201,7 +200,6 @@ async def test_demand_survives_a_leader_change(cluster: Cluster) -> None:
     assert metric(ingestors[standby][1], GAUGE) == STATIC + 1
 
 
-@pytest.mark.slow
 async def test_a_dead_edges_demand_expires(cluster: Cluster) -> None:
     cluster.simfeed()
     ing, metrics_port = ingestor(cluster)
