@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import logging
 
+from redis.exceptions import RedisError
+
 from edge.auth import Authenticator
 from edge.server import EdgeServer
 from shared.bus import Bus
+from shared.demand import DemandStore
 from shared.keystore import KeyStore
 from shared.settings import EdgeSettings
 
@@ -16,9 +19,10 @@ log = logging.getLogger("fxproxy.edge")
 
 
 class EdgeApp:
-    def __init__(self, settings: EdgeSettings, bus: Bus, keystore: KeyStore | None) -> None:
+    def __init__(self, settings: EdgeSettings, bus: Bus, keystore: KeyStore | None,
+                 demand: DemandStore | None = None) -> None:
         self.settings = settings
-        self.server = EdgeServer(settings, bus, Authenticator(keystore, settings.api_keys))
+        self.server = EdgeServer(settings, bus, Authenticator(keystore, settings.api_keys), demand)
         self._listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -27,8 +31,10 @@ class EdgeApp:
         server = self.server
         subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
         server.hub.subscriber = subscriber
-        jobs = (subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
-                server.lag_probes(), server.probe.run())
+        jobs = [subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
+                server.lag_probes(), server.probe.run()]
+        if server.demand is not None:
+            jobs.append(server.demand.run())
         self._tasks = [asyncio.create_task(job) for job in jobs]
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
@@ -48,13 +54,18 @@ class EdgeApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.server.demand is not None:
+            # Our clients are gone: stop asking for their symbols now rather than after the TTL.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(self.server.demand.withdraw(), 1.0)
         log.info("edge stopped")
 
 
 async def run_edge(
-    settings: EdgeSettings, bus: Bus, keystore: KeyStore | None, stop: asyncio.Event
+    settings: EdgeSettings, bus: Bus, keystore: KeyStore | None, stop: asyncio.Event,
+    demand: DemandStore | None = None,
 ) -> None:
-    app = EdgeApp(settings, bus, keystore)
+    app = EdgeApp(settings, bus, keystore, demand)
     await app.start()
     await stop.wait()
     await app.stop()

@@ -19,6 +19,7 @@ from websockets.protocol import OPEN
 from edge import metrics
 from edge import protocol as proto
 from edge.catchup import CatchUp, catch_up, replay_size
+from edge.demand import NOT_IN_CATALOG, Refusal
 from edge.protocol import CloseCode, ErrorCode, FrameError
 from shared.keystore import KeyRecord, hash_key
 from shared.tick import to_tradermade
@@ -175,28 +176,39 @@ class Commands:
         hub.acquire(wanted)  # no await between this and the try: nothing can leak
         try:
             plans = await self._catch_up(wanted, since)
+            missing = [s for s in wanted if plans[s] is None]
+            verdicts = await self._judge(missing)
             if not self._live:
                 return
-            unknown = [s for s in wanted if plans[s] is None]
-            if unknown:
-                self._symbol_error(ErrorCode.UNKNOWN_SYMBOL, "no such symbol on this feed", unknown, id)
-            attached = [s for s in wanted if s not in unknown]
-            # No await from here to attach(): no tick can slip in between.
+            # No await from here to attach(): no tick can slip in between. A symbol that had no
+            # tick may have got its first one while we asked: the hub (subscribed) holds it.
+            for symbol in missing:
+                plans[symbol] = self._replan(symbol, since.get(symbol))
+            pending = [s for s in missing if plans[s] is None and verdicts.get(s) is None]
+            refused: dict[tuple[ErrorCode, str], list[str]] = {}
+            for symbol in missing:
+                if plans[symbol] is None and (refusal := verdicts.get(symbol)) is not None:
+                    refused.setdefault(refusal, []).append(symbol)
+            for (code, what), refused_symbols in refused.items():
+                self._symbol_error(code, what, refused_symbols, id)
+            attached = [s for s in wanted if plans[s] is not None or s in pending]
             if not conn.tradermade and (attached or plan.already):
                 recovered = {s: p.recovered for s in attached
                              if (p := plans[s]) is not None and p.recovered is not None}
                 rates = {s: rate for s in attached} if rate is not None else None
-                conn.send(proto.subscribed(id, attached + plan.already, recovered, rates))
+                conn.send(proto.subscribed(id, attached + plan.already, recovered, rates, pending))
             assert conn.writer is not None
             for symbol in attached:
                 catchup = plans[symbol]
-                assert catchup is not None
-                if conn.tradermade:
+                if catchup is None:  # pending: its first tick is the first it gets
+                    hub.attach_pending(conn.writer, symbol, conn.tradermade, rate)
+                elif conn.tradermade:
                     conn.send(to_tradermade(catchup.payload))
+                    hub.attach(conn.writer, symbol, catchup.position, catchup.payload, True, rate)
                 else:
                     for payload in catchup.frames:
                         conn.send(payload)
-                hub.attach(conn.writer, symbol, catchup.position, catchup.payload, conn.tradermade, rate)
+                    hub.attach(conn.writer, symbol, catchup.position, catchup.payload, False, rate)
                 conn.session.asked_rate[symbol] = asked_rate
             conn.session.symbols.update(attached)
         finally:
@@ -234,6 +246,27 @@ class Commands:
             if not any(p is not None and p.short for p in plans.values()) or not self._live:
                 break
         return plans
+
+    async def _judge(self, symbols: list[str]) -> dict[str, Refusal | None]:
+        """Symbols no tick exists for: None when pending (the catalogue allows them), else why not."""
+        demand = self.conn.server.demand
+        if not symbols:
+            return {}
+        if demand is None:
+            return {s: NOT_IN_CATALOG for s in symbols}
+        return await demand.judge(symbols)
+
+    def _replan(self, symbol: str, since: proto.Since | None) -> CatchUp | None:
+        """The catch-up from the hub alone (no await), for a symbol Redis had no tick of."""
+        writer = self.conn.writer
+        assert writer is not None
+        return catch_up(since, self.conn.server.hub.last(symbol), None, None,
+                        self.conn.server.settings.replay_limit, writer.room() // 2)
+
+    def refuse_pending(self, symbol: str, code: ErrorCode, what: str) -> None:
+        """The upstream refused a symbol this client waits for: say so and drop it."""
+        self._symbol_error(code, what, [symbol], None)
+        self.drop([symbol])
 
     def _symbol_error(self, code: ErrorCode, what: str, symbols: list[str], id: proto.Id) -> None:
         metrics.ERRORS.labels(code.value).inc()

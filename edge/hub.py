@@ -98,6 +98,7 @@ class Hub:
         self._synced = asyncio.Event()
         self._synced.set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.on_symbols: Callable[[], None] | None = None  # told whenever symbols() may have changed
 
     # Reference counts and the bus subscription
 
@@ -122,6 +123,8 @@ class Hub:
 
     def _mark_changed(self) -> None:
         metrics.SUBSCRIBED_SYMBOLS.set(len(self._refs))
+        if self.on_symbols is not None:
+            self.on_symbols()
         if self._on_bus.symmetric_difference(self._refs):
             self._synced.clear()
             self._changed.set()
@@ -179,6 +182,12 @@ class Hub:
             stream.gates[writer] = (position, tradermade, rate)
             return
         stream.add(writer, tradermade, rate)
+
+    def attach_pending(self, writer: Writer, symbol: str, tradermade: bool = False,
+                       rate: float | None = None) -> None:
+        """Add a client of a symbol that has never ticked: the stream starts at its first tick,
+        which this client gets like any live tick (no snapshot, no reset, no gap)."""
+        self._streams[symbol].add(writer, tradermade, rate)  # acquired before
 
     def detach(self, writer: Writer, symbols: Iterable[str]) -> None:
         for symbol in symbols:

@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     UNAUTHORIZED = "unauthorized"
     UNAVAILABLE = "unavailable"
+    CAPACITY = "capacity"  # the upstream cannot take one more symbol now
 
 
 class CloseCode:
@@ -206,12 +207,14 @@ def _reply(obj: dict[str, Any]) -> bytes:
 
 
 def subscribed(id: Id, symbols: list[str], recovered: dict[str, bool] | None = None,
-               max_rate: dict[str, float] | None = None) -> bytes:
+               max_rate: dict[str, float] | None = None, pending: list[str] | None = None) -> bytes:
     out: dict[str, Any] = {"type": "subscribed", "id": id, "symbols": symbols}
     if recovered:
         out["recovered"] = recovered
     if max_rate:
         out["max_rate"] = max_rate  # what was granted, per throttled symbol
+    if pending:
+        out["pending"] = pending  # not streamed yet: the first tick comes when the vendor sends it
     return _reply(out)
 
 

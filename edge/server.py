@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from edge import metrics
 from edge.auth import Authenticator, Identity
 from edge.connection import Connection
+from edge.demand import REFUSALS, EdgeDemand
 from edge.handshake import parse_networks
 from edge.hub import Hub
 from edge.protocol import CloseCode
@@ -20,13 +21,15 @@ from edge.ratelimit import KeyedLimiter
 from edge.writer import Flusher
 from shared.bus import Bus
 from shared.bus_probe import BusProbe
+from shared.demand import DemandStore, SymbolStatus, parse_symbol_status
 from shared.settings import EdgeSettings
 
 log = logging.getLogger("fxproxy.edge")
 
 
 class EdgeServer:
-    def __init__(self, settings: EdgeSettings, bus: Bus, auth: Authenticator) -> None:
+    def __init__(self, settings: EdgeSettings, bus: Bus, auth: Authenticator,
+                 demand: DemandStore | None = None) -> None:
         self.settings = settings
         self.bus = bus
         self.auth = auth
@@ -46,6 +49,11 @@ class EdgeServer:
         self.subscribed = False
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.demand: EdgeDemand | None = None
+        if demand is not None:
+            self.demand = EdgeDemand(demand, self.edge_id, self.hub.symbols,
+                                     3 * settings.heartbeat_interval)
+            self.hub.on_symbols = self.demand.changed
 
     def ready(self) -> bool:
         return self.subscribed and self.probe.ok and not self.draining
@@ -80,12 +88,25 @@ class EdgeServer:
     def on_control(self, data: bytes) -> None:
         try:
             event = orjson.loads(data)
-            key_hash = event["key"] if event.get("type") == "key_changed" else None
+            status = parse_symbol_status(event)
+            key_hash = event["key"] if status is None and event.get("type") == "key_changed" else None
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
             log.warning("bad control event ignored")
             return
-        if isinstance(key_hash, str) and key_hash in self.by_key:
+        if status is not None:
+            self._symbol_status(*status)
+        elif isinstance(key_hash, str) and key_hash in self.by_key:
             self.spawn(self._reload_key(key_hash))
+
+    def _symbol_status(self, symbol: str, status: SymbolStatus) -> None:
+        """The upstream refused a symbol: clients waiting for its first tick get the error."""
+        refusal = REFUSALS.get(status)
+        if refusal is None or self.hub.last(symbol) is not None:
+            return  # streaming, or it has ticked on this edge: nobody here is waiting
+        for conns in list(self.by_key.values()):
+            for conn in list(conns):
+                if symbol in conn.session.symbols:
+                    conn.commands.refuse_pending(symbol, *refusal)
 
     async def _reload_key(self, key_hash: str) -> None:
         try:
@@ -153,14 +174,18 @@ class EdgeServer:
     # Timers
 
     async def heartbeat(self) -> None:
-        """Tell the cluster this edge is alive, so the connection slots it holds count."""
+        """Tell the cluster this edge is alive, so the connection slots it holds count and its
+        demand is streamed (and refresh that demand's TTL)."""
         store = self.auth.store
-        if store is None:
+        if store is None and self.demand is None:
             return
         interval = self.settings.heartbeat_interval
         while True:
             try:
-                await store.heartbeat(self.edge_id, 3 * interval)
+                if store is not None:
+                    await store.heartbeat(self.edge_id, 3 * interval)
+                if self.demand is not None:
+                    await self.demand.publish()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
             await asyncio.sleep(interval)

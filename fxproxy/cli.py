@@ -55,11 +55,13 @@ def _bus_for(settings: CommonSettings, history_len: int = 1000) -> RedisBus:
 
 async def _edge(settings: EdgeSettings) -> int:
     from edge.app import run_edge
+    from shared.demand import RedisDemandStore
     from shared.keystore import RedisKeyStore
 
     bus = _bus_for(settings)
     try:
-        await run_edge(settings, bus, RedisKeyStore(bus.client, bus.names), _stop_on_signals())
+        await run_edge(settings, bus, RedisKeyStore(bus.client, bus.names), _stop_on_signals(),
+                       RedisDemandStore(bus.client, bus.names))
     finally:
         await bus.close()
     return 0
@@ -68,12 +70,14 @@ async def _edge(settings: EdgeSettings) -> int:
 async def _ingestor(settings: IngestorSettings) -> int:
     from ingestor.app import run_ingestor
     from ingestor.leader import RedisLeadership
+    from shared.demand import RedisDemandStore
 
     bus = _bus_for(settings, settings.history_len)
     leadership = RedisLeadership.from_url(bus.url, bus.names, settings.resolved_node_id(),
                                           settings.leader_ttl)
     try:
-        await run_ingestor(settings, bus, _stop_on_signals(), leadership)
+        await run_ingestor(settings, bus, _stop_on_signals(), leadership,
+                           RedisDemandStore(bus.client, bus.names))
     finally:
         await bus.close()
     return 0

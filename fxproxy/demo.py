@@ -7,9 +7,10 @@ import contextlib
 import sys
 
 from edge.app import EdgeApp
-from fxproxy.simfeed import SimFeed
+from fxproxy.simfeed import PAIRS, SimFeed
 from fxproxy.tail import tail
 from ingestor.app import run_ingestor
+from shared.demand import MemoryDemandStore
 from shared.memory_bus import MemoryBus
 from shared.settings import EdgeSettings, IngestorSettings
 
@@ -23,6 +24,7 @@ async def run_demo(port: int, key: str, duration: float, rate: float,
     """Run until `duration` passes (0 = no limit) or `interrupted` is set (Ctrl-C)."""
     interrupted = interrupted or asyncio.Event()
     bus = MemoryBus()
+    demand = MemoryDemandStore()  # edge and ingestor share it: symbols outside the list stream too
     upstream_key = "demo-upstream-key"
     feed = SimFeed(upstream_key, rate)
     feed_port = await feed.start("127.0.0.1", 0)
@@ -30,11 +32,12 @@ async def run_demo(port: int, key: str, duration: float, rate: float,
     ingestor = asyncio.create_task(run_ingestor(
         IngestorSettings(
             upstream_urls=[f"ws://127.0.0.1:{feed_port}/"], upstream_key=upstream_key,
-            symbols=DEMO_SYMBOLS, metrics_port=0,
+            symbols=DEMO_SYMBOLS, on_demand=[s for s in PAIRS if s not in DEMO_SYMBOLS],
+            metrics_port=0,
         ),
-        bus, stop,
+        bus, stop, demand=demand,
     ))
-    edge = EdgeApp(EdgeSettings(host="127.0.0.1", port=port, api_keys=[key]), bus, None)
+    edge = EdgeApp(EdgeSettings(host="127.0.0.1", port=port, api_keys=[key]), bus, None, demand)
     try:
         bound = await edge.start()
     except OSError as exc:

@@ -20,14 +20,17 @@ from redis.exceptions import RedisError
 
 from ingestor import metrics
 from ingestor.backoff import Backoff
+from ingestor.demand import DemandWatcher, StatusReporter
 from ingestor.leader import Leadership, SoleLeader
 from ingestor.publisher import Publisher
 from ingestor.sequencer import Sequencer
 from ingestor.upstream import Upstream
 from shared.bus import Bus, Fenced
 from shared.bus_probe import BusProbe
+from shared.demand import DemandStore, MemoryDemandStore
 from shared.metrics import serve_health
 from shared.settings import IngestorSettings
+from shared.tick import Quote
 
 log = logging.getLogger("fxproxy.ingestor")
 T = TypeVar("T")
@@ -166,8 +169,71 @@ async def _start_term(state: _State, settings: IngestorSettings, token: str) -> 
     return state.publisher
 
 
+async def _stream(settings: IngestorSettings, state: _State, publisher: Publisher,
+                  demand: DemandStore) -> NoReturn:
+    """Stream what demand asks for (ingestor/demand.py). Until the session pool lands, a changed
+    set replaces the upstream by one logged in with the new list; the pool's want() will not."""
+    wanted: tuple[str, ...] = ()
+    changed = asyncio.Event()
+    reported: set[str] = set()  # reported "streaming" already (the watcher clears dropped ones)
+
+    def on_change(symbols: tuple[str, ...]) -> None:
+        nonlocal wanted
+        wanted = symbols
+        changed.set()
+
+    reporter = StatusReporter(demand, state.bus)
+    watcher = DemandWatcher(demand, settings.symbols, settings.on_demand, settings.demand_grace,
+                            on_change)
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(watcher.run()),
+                                      asyncio.create_task(reporter.run())]
+    try:
+        while True:
+            waiter = asyncio.create_task(changed.wait())
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            for task in done - {waiter}:
+                task.result()
+                raise RuntimeError("an upstream task ended by itself")  # pragma: no cover
+            changed.clear()
+            if len(tasks) > 2:
+                upstream_task = tasks.pop()
+                upstream_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await upstream_task  # logged out first: the vendor may allow one session
+            metrics.UPSTREAM_SYMBOLS.set(len(wanted))
+            reported.intersection_update(wanted)
+            unseen = set(wanted) - reported  # "streaming" goes out with a symbol's first quote
+
+            def on_quote(quote: Quote, unseen: set[str] = unseen) -> None:
+                if unseen and quote.symbol in unseen:
+                    unseen.discard(quote.symbol)
+                    reported.add(quote.symbol)
+                    reporter.report(quote.symbol, "streaming")
+                publisher.put(state.sequencer.number(quote))
+
+            upstream = Upstream(
+                settings.upstream_urls,
+                settings.upstream_key.get_secret_value(),
+                wanted,
+                on_quote,
+                headers=settings.upstream_headers,
+                silence_timeout=settings.silence_timeout,
+                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+                connected=state.upstream_up,
+            )
+            tasks.append(asyncio.create_task(upstream.run()))
+    finally:
+        metrics.UPSTREAM_SYMBOLS.set(0)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 async def _lead(settings: IngestorSettings, leadership: Leadership, token: str, claimed: float,
-                state: _State, stop: asyncio.Event) -> bool:
+                state: _State, stop: asyncio.Event, demand: DemandStore) -> bool:
     """Stream while we lead. True when told to stop, False when leadership was lost."""
     holding = asyncio.create_task(_hold(leadership, settings.leader_ttl, claimed, token))
     stopper = asyncio.create_task(stop.wait())
@@ -178,21 +244,10 @@ async def _lead(settings: IngestorSettings, leadership: Leadership, token: str, 
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             publisher = starting.result()
-            sequencer = state.sequencer
-            upstream = Upstream(
-                settings.upstream_urls,
-                settings.upstream_key.get_secret_value(),
-                settings.symbols,
-                lambda quote: publisher.put(sequencer.number(quote)),
-                headers=settings.upstream_headers,
-                silence_timeout=settings.silence_timeout,
-                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
-                connected=state.upstream_up,
-            )
             state.leading = True
             metrics.LEADER.set(1)
             log.info("leading", extra={"token": token, "symbols": len(settings.symbols)})
-            streaming = asyncio.create_task(upstream.run())
+            streaming = asyncio.create_task(_stream(settings, state, publisher, demand))
             publishing = asyncio.create_task(publisher.run())
             tasks += [streaming, publishing]
             done, _ = await asyncio.wait([holding, stopper, streaming, publishing],
@@ -224,13 +279,15 @@ async def _lead(settings: IngestorSettings, leadership: Leadership, token: str, 
 
 
 async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event,
-                       leadership: Leadership | None = None) -> None:
-    """Run until `stop` is set; releases the lease and closes `leadership` at the end."""
+                       leadership: Leadership | None = None, demand: DemandStore | None = None) -> None:
+    """Run until `stop` is set; releases the lease and closes `leadership` at the end.
+    Without a demand store only the static symbols stream (no edge can ask for more)."""
     if not settings.upstream_urls:
         raise ValueError("FXPROXY_UPSTREAM_URLS is empty: name at least one upstream WebSocket URL")
     if not settings.symbols:
         raise ValueError("FXPROXY_SYMBOLS is empty: name the symbols to stream")
     leadership = leadership or SoleLeader()
+    demand = demand or MemoryDemandStore()
     # Outlives terms: a Redis that lost its data must not restart seq, and ticks a term left
     # unpublished go out first when this process leads again.
     state = _State(bus, leadership.fence)
@@ -249,7 +306,7 @@ async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event
         while True:
             # With nobody to elect against (fence ""), there is nobody to give way to either.
             won = await _campaign(leadership, settings.leader_ttl, stop, state if state.fence else None)
-            if won is None or await _lead(settings, leadership, *won, state, stop):
+            if won is None or await _lead(settings, leadership, *won, state, stop, demand):
                 break
     finally:
         # After leaving the vendor: a standby may take over at once. Also frees a lease that a

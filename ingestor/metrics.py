@@ -13,3 +13,4 @@ UPSTREAM_UP = Gauge("fxproxy_ingestor_upstream_connected", "1 while logged in up
 QUEUE = Gauge("fxproxy_ingestor_publish_queue", "Ticks waiting to be published")
 LEADER = Gauge("fxproxy_ingestor_leader", "1 while this ingestor holds the leader lease")
 BUS_UP = Gauge("fxproxy_ingestor_bus_up", "1 while Redis answers a ping within its deadline")
+UPSTREAM_SYMBOLS = Gauge("fxproxy_ingestor_upstream_symbols", "Symbols asked of the upstream now")

@@ -49,3 +49,23 @@ class Names:
     @property
     def epoch(self) -> str:
         return f"{self.prefix}epoch"
+
+    # The keys of symbols on demand (not per symbol), each built by _shared_key so that
+    # a cluster layout can give them all one hash tag: SUNION over fx:demand:* needs that.
+
+    def _shared_key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def demand(self, edge_id: str) -> str:
+        """Set of the symbols an edge's clients want, with the edge's heartbeat TTL."""
+        return self._shared_key(f"demand:{edge_id}")
+
+    @property
+    def catalog(self) -> str:
+        """What clients may call up: the static symbols and the on-demand globs."""
+        return self._shared_key("catalog")
+
+    @property
+    def symbol_status(self) -> str:
+        """Hash symbol -> upstream status (streaming, capacity, unknown)."""
+        return self._shared_key("symstatus")

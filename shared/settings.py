@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.keystore import SYMBOL_GLOB_RE
+
 # Lists arrive as "a,b,c" in env vars and flags; NoDecode stops pydantic-settings
 # from insisting on JSON so the validator below can split them.
 CsvList = Annotated[list[str], NoDecode]
@@ -114,6 +116,13 @@ class IngestorSettings(CommonSettings):
         default_factory=dict, description='Extra upstream handshake headers, JSON: {"X-A":"b"}'
     )
     symbols: CsvList = Field(default_factory=list, description="Symbols to stream, comma-separated")
+    on_demand: CsvList = Field(
+        default_factory=list, description="Globs of further symbols clients may call up, streamed "
+        "while some edge wants them, e.g. 'XAU*,USD???'; empty = only the static symbols"
+    )
+    demand_grace: float = Field(
+        30.0, ge=0, description="Seconds an on-demand symbol nobody wants any more stays streamed"
+    )
     silence_timeout: float = Field(
         10.0, gt=0, description="Seconds without upstream data before it counts as dead"
     )
@@ -131,10 +140,19 @@ class IngestorSettings(CommonSettings):
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
-    @field_validator("upstream_urls", "symbols", mode="before")
+    @field_validator("upstream_urls", "symbols", "on_demand", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("on_demand")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        bad = [g for g in value if SYMBOL_GLOB_RE.fullmatch(g) is None]
+        if bad:
+            raise ValueError(f"bad symbol glob(s) {', '.join(bad)}: use A-Z 0-9 * ? @ (symbols are "
+                             "upper case), e.g. 'XAU*,USD???'")
+        return value
 
     @field_validator("symbols")
     @classmethod

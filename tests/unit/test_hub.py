@@ -201,3 +201,21 @@ async def test_leaving_a_max_rate_bucket_cancels_its_timer() -> None:
     hub.release(["EURUSD"])
     await asyncio.sleep(0)
     assert slow.seen == [2]
+
+
+async def test_pending_clients_get_a_new_symbols_first_tick_live_with_no_reset_nor_repair() -> None:
+    history = History()
+    hub = Hub(history, repair_timeout=0.2)
+    changes: list[set[str]] = []
+    hub.on_symbols = lambda: changes.append(hub.symbols())
+    a, b = Recorder(), Recorder()
+    hub.acquire(["XAUUSD"])
+    hub.attach_pending(a, "XAUUSD")  # type: ignore[arg-type]
+    hub.attach_pending(b, "XAUUSD", tradermade=True)  # type: ignore[arg-type]
+    assert hub.last("XAUUSD") is None
+    for seq in (57, 58, 59):  # wherever the leader's numbering stands
+        hub.on_tick("XAUUSD", tick(seq, symbol="XAUUSD"))
+    await asyncio.sleep(0)
+    assert a.seen == [57, 58, 59] and len(b.frames) == 3
+    assert history.calls == []  # the first tick is where the stream starts: nothing to repair
+    assert changes == [{"XAUUSD"}]
