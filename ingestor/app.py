@@ -21,9 +21,9 @@ from redis.exceptions import RedisError
 from ingestor import metrics
 from ingestor.backoff import Backoff
 from ingestor.leader import Leadership, SoleLeader
+from ingestor.pool import UpstreamPool
 from ingestor.publisher import Publisher
 from ingestor.sequencer import Sequencer
-from ingestor.upstream import Upstream
 from shared.bus import Bus, Fenced
 from shared.bus_probe import BusProbe
 from shared.metrics import serve_health
@@ -166,6 +166,11 @@ async def _start_term(state: _State, settings: IngestorSettings, token: str) -> 
     return state.publisher
 
 
+def _log_status(symbol: str, status: str) -> None:
+    level = logging.INFO if status == "streaming" else logging.WARNING
+    log.log(level, "upstream symbol status", extra={"symbol": symbol, "status": status})
+
+
 async def _lead(settings: IngestorSettings, leadership: Leadership, token: str, claimed: float,
                 state: _State, stop: asyncio.Event) -> bool:
     """Stream while we lead. True when told to stop, False when leadership was lost."""
@@ -179,16 +184,13 @@ async def _lead(settings: IngestorSettings, leadership: Leadership, token: str, 
         if starting in done:
             publisher = starting.result()
             sequencer = state.sequencer
-            upstream = Upstream(
-                settings.upstream_urls,
-                settings.upstream_key.get_secret_value(),
-                settings.symbols,
+            upstream = UpstreamPool(
+                settings,
                 lambda quote: publisher.put(sequencer.number(quote)),
-                headers=settings.upstream_headers,
-                silence_timeout=settings.silence_timeout,
-                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+                _log_status,
                 connected=state.upstream_up,
             )
+            upstream.want(settings.symbols)
             state.leading = True
             metrics.LEADER.set(1)
             log.info("leading", extra={"token": token, "symbols": len(settings.symbols)})
