@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import urllib.request
@@ -83,7 +84,7 @@ async def wait_for(pred: Any, timeout: float, what: str) -> float:
 def max_gap(ticks: list[tuple[float, dict[str, Any]]], symbols: set[str], start: float, end: float) -> float:
     """The longest pause between ticks of `symbols` within [start, end]."""
     times = [start] + [t for t, tick in ticks if tick["symbol"] in symbols and start <= t <= end] + [end]
-    return max(b - a for a, b in zip(times, times[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(times))
 
 
 def seq_gaps(ticks: list[tuple[float, dict[str, Any]]]) -> int:
@@ -215,7 +216,7 @@ async def test_kabu_token_expiry_mid_stream_resumes_with_seq_contiguous(cluster:
 @pytest.mark.slow
 async def test_kabu_station_down_affects_only_its_symbols_and_resumes_after_restart(
         cluster: Cluster) -> None:
-    a, a_port = kabu_sim(cluster)
+    _, a_port = kabu_sim(cluster)
     b, b_port = kabu_sim(cluster)
     kabu_ingestor(cluster, "9433@1,7203@1,6758@1,9984@1", a_port, b_port,
                   FXPROXY_UPSTREAM_MAX_SYMBOLS="2", FXPROXY_UPSTREAM_MAX_CONNECTIONS="2")
