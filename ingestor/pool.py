@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 
 from ingestor import metrics
 from ingestor.packing import plan
-from ingestor.vendors import Hooks, VendorSession, open_session
+from ingestor.vendors import Hooks, VendorSession, carries, open_session
 from shared.settings import IngestorSettings
 from shared.tick import Quote
 
@@ -45,6 +45,8 @@ class UpstreamPool:
     def want(self, symbols: Collection[str]) -> None:
         """The whole set to stream now (sync, returns at once); run() reconciles sessions to it."""
         self._wanted = frozenset(symbols)
+        # A symbol this vendor cannot even name (9433@1 on a forex feed) is unknown to it.
+        self._unknown |= {s for s in self._wanted if not carries(self._settings, s)}
         self._dirty.set()
 
     def streamed(self) -> frozenset[str]:

@@ -160,6 +160,10 @@ class IngestorSettings(CommonSettings):
             if self.upstream_max_symbols > KABU_MAX_SYMBOLS:
                 raise ValueError(f"FXPROXY_UPSTREAM_MAX_SYMBOLS={self.upstream_max_symbols}: kabu "
                                  f"registers at most {KABU_MAX_SYMBOLS} symbols per session")
+            odd = [s for s in self.symbols if "@" not in s]
+            if odd:
+                raise ValueError(f"FXPROXY_SYMBOLS: kabu symbols are code@exchange, e.g. 9433@1, "
+                                 f"not {', '.join(odd[:3])}")
             if self.upstream_urls and len(self.upstream_urls) < self.upstream_max_connections:
                 raise ValueError(f"FXPROXY_UPSTREAM_MAX_CONNECTIONS={self.upstream_max_connections} "
                                  f"kabu sessions need as many FXPROXY_UPSTREAM_URLS (one kabuステーション "

@@ -9,7 +9,14 @@ from ingestor.backoff import Backoff
 from ingestor.vendors.base import Hooks, Status, VendorError, VendorSession
 from shared.settings import IngestorSettings
 
-__all__ = ["Hooks", "Status", "VendorError", "VendorSession", "open_session"]
+__all__ = ["Hooks", "Status", "VendorError", "VendorSession", "carries", "open_session"]
+
+
+def carries(settings: IngestorSettings, symbol: str) -> bool:
+    """Whether the dialect can name `symbol` at all (kabu: code@exchange; tradermade: no @)."""
+    from ingestor.vendors.kabu import is_kabu_symbol
+
+    return is_kabu_symbol(symbol) == (settings.upstream_dialect == "kabu")
 
 
 def open_session(settings: IngestorSettings, slot: int, symbols: Collection[str],

@@ -47,6 +47,14 @@ def split_symbol(symbol: str) -> tuple[str, int]:
     return code, int(exchange)
 
 
+def is_kabu_symbol(symbol: str) -> bool:
+    try:
+        split_symbol(symbol)
+    except ValueError:
+        return False
+    return is_symbol(symbol)
+
+
 def join_symbol(code: object, exchange: object) -> str | None:
     if not isinstance(code, str) or isinstance(exchange, bool) or not isinstance(exchange, int):
         return None
@@ -193,7 +201,10 @@ class KabuSession(Supervised):
         timeout = aiohttp.ClientTimeout(total=self._open_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             self._http, self._base = http, url.rstrip("/")
-            self._registered.clear()
+            # Registered before and not wanted now: unregistered below, so kabuステーション's list
+            # (50 for every app together) does not fill up. The rest is registered again: after a
+            # forced logout or a restart the list is empty.
+            self._registered -= self._symbols
             self._apply.clear()
             await self._new_token()
             await self._reconcile()

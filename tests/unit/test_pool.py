@@ -168,3 +168,25 @@ async def test_ready_only_while_every_session_with_symbols_is_logged_in(sessions
         second.hooks.on_link()
         assert not connected.is_set()
     assert not connected.is_set()
+
+
+async def test_a_symbol_the_dialect_cannot_name_is_unknown_at_once(sessions: list[FakeSession]) -> None:
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("EURUSD", 0, 1), lambda q: None, lambda s, st: statuses.append((s, st)))
+    pool.want(["EURUSD", "9433@1"])
+    async with running(pool):
+        assert statuses == [("9433@1", "unknown")]
+        assert [s.symbols for s in sessions] == [{"EURUSD"}]
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"upstream_max_symbols": 51}, "at most 50"),
+    ({"symbols": "EURUSD"}, "code@exchange"),
+    ({"upstream_max_connections": 2}, "one kabuステーション each"),
+])
+def test_kabu_limits_that_cannot_work_fail_at_start(env: dict[str, object], says: str) -> None:
+    fields: dict[str, object] = {"upstream_dialect": "kabu", "symbols": "9433@1",
+                                 "upstream_urls": "http://127.0.0.1:18080/kabusapi", **env}
+    with pytest.raises(ValueError, match=says):
+        IngestorSettings(**fields)  # type: ignore[arg-type]
+    assert IngestorSettings(upstream_dialect="kabu").symbols_per_session() == 50
