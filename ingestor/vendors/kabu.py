@@ -47,14 +47,6 @@ def split_symbol(symbol: str) -> tuple[str, int]:
     return code, int(exchange)
 
 
-def is_kabu_symbol(symbol: str) -> bool:
-    try:
-        split_symbol(symbol)
-    except ValueError:
-        return False
-    return is_symbol(symbol)
-
-
 def join_symbol(code: object, exchange: object) -> str | None:
     if not isinstance(code, str) or isinstance(exchange, bool) or not isinstance(exchange, int):
         return None
