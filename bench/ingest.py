@@ -22,7 +22,7 @@ import orjson
 
 from ingestor.publisher import Publisher
 from ingestor.sequencer import Sequencer
-from ingestor.tradermade import parse_message
+from ingestor.vendors.tradermade import parse_message
 from shared.redis_bus import RedisBus
 from tests.support.redis_server import RedisServer
 

@@ -127,7 +127,7 @@ def _symbols(raw: Any, id: Id, max_symbols: int) -> tuple[str, ...]:
     bad = [s for s in raw if not is_symbol(s)]
     if bad:
         shown = ", ".join(repr(s)[:24] for s in bad[:5])
-        raise _bad(f"malformed symbol(s): {shown}; symbols are upper case like EURUSD", id)
+        raise _bad(f"malformed symbol(s): {shown}; symbols look like EURUSD or 9433@1", id)
     if len(set(raw)) != len(raw):
         raise _bad("duplicate symbols in request", id)
     return tuple(raw)

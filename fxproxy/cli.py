@@ -8,7 +8,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -23,6 +23,10 @@ from shared.settings import (
     SimfeedSettings,
     split_csv,
 )
+
+if TYPE_CHECKING:
+    from fxproxy.simfeed import SimFeed
+    from fxproxy.simkabu import SimKabu
 
 
 def _run(coro: Coroutine[Any, Any, int | None]) -> int:
@@ -84,9 +88,17 @@ async def _ingestor(settings: IngestorSettings) -> int:
 
 
 async def _simfeed(settings: SimfeedSettings) -> int:
-    from fxproxy.simfeed import SimFeed
+    feed: SimFeed | SimKabu
+    if settings.dialect == "kabu":
+        from fxproxy.simkabu import SimKabu
 
-    feed = SimFeed(settings.key.get_secret_value(), settings.rate, settings.max_connections)
+        feed = SimKabu(settings.key.get_secret_value(), settings.rate,
+                       max_symbols=settings.max_symbols, token_ttl=settings.token_ttl)
+    else:
+        from fxproxy.simfeed import SimFeed
+
+        feed = SimFeed(settings.key.get_secret_value(), settings.rate, settings.max_connections,
+                       max_symbols=settings.max_symbols)
     await feed.start(settings.host, settings.port)
     await _stop_on_signals().wait()
     await feed.close()
@@ -159,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     ingestor = sub.add_parser("ingestor", help="run the ingestor: upstream feed -> Redis")
     add_settings_flags(ingestor, IngestorSettings)
 
-    simfeed = sub.add_parser("simfeed", help="run a simulated TraderMade-style vendor feed")
+    simfeed = sub.add_parser("simfeed", help="run a simulated vendor feed: TraderMade-style, or "
+                             "kabuステーション with --dialect kabu")
     bus_only = frozenset(CommonSettings.model_fields) - {"log_level", "log_format"}
     add_settings_flags(simfeed, SimfeedSettings, skip=bus_only)
 

@@ -53,6 +53,9 @@ def load_settings(model: type[S], args: argparse.Namespace, **overrides: Any) ->
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # settings that cannot work together: the message names them
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0])
             problems.append(f"{name} (FXPROXY_{name.upper()}): {err['msg']}")
         raise ConfigError("bad configuration: " + "; ".join(problems)) from None

@@ -1,18 +1,28 @@
-"""A simulated TraderMade-style vendor feed: random-walk forex quotes over WebSocket."""
+"""A simulated TraderMade-style vendor feed: random-walk forex quotes over WebSocket.
+
+Besides the feed, two plain HTTP GETs for tests: `/sessions` (each logged-in connection and its
+symbols, as JSON) and `/stall?symbol=EURUSD` (the connection carrying it goes silent, open).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ingestor.vendors.tradermade import UNKNOWN_PREFIX
 
 log = logging.getLogger("fxproxy.simfeed")
 
@@ -26,6 +36,15 @@ PAIRS: dict[str, tuple[float, int]] = {
     "USDMXN": (20.150, 4), "USDSGD": (1.3450, 5), "XAUUSD": (2650.00, 2),
 }
 LOGIN_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class Client:
+    """One logged-in connection: what it streams now."""
+
+    peer: str
+    symbols: list[str] = field(default_factory=list)
+    stalled: bool = False
 
 
 @dataclass(slots=True)
@@ -48,17 +67,21 @@ class Walk:
 
 
 class SimFeed:
-    def __init__(self, key: str, rate: float, max_connections: int = 0, seed: int | None = None) -> None:
+    def __init__(self, key: str, rate: float, max_connections: int = 0, seed: int | None = None,
+                 max_symbols: int = 0) -> None:
         self._key = key
         self._rate = rate
         self._max_connections = max_connections
+        self._max_symbols = max_symbols
         self.logged_in = 0
+        self.clients: list[Client] = []
         rng = random.Random(seed)
         self._walks = {s: Walk(mid, d, rng) for s, (mid, d) in PAIRS.items()}
         self.server: Server | None = None
 
     async def start(self, host: str, port: int) -> int:
-        self.server = await serve(self._handle, host, port, compression=None)
+        self.server = await serve(self._handle, host, port, compression=None,
+                                  process_request=self._http)
         bound: int = next(iter(self.server.sockets)).getsockname()[1]
         log.info("simfeed listening", extra={"host": host, "port": bound, "pairs": len(PAIRS)})
         return bound
@@ -79,14 +102,63 @@ class SimFeed:
                 await ws.send("User Key Used to many times")  # what the real feed says
                 await ws.close(1008, "connection limit")
                 return
-            log.info("client logged in", extra={"peer": str(peer), "symbols": len(symbols)})
+            client = Client(str(peer))
+            if not await self._subscribe(ws, client, symbols):
+                return
+            log.info("client logged in", extra={"peer": client.peer, "symbols": client.symbols})
             self.logged_in += 1
+            self.clients.append(client)
+            streaming = asyncio.create_task(self._stream(ws, client))
             try:
-                await self._stream(ws, symbols)
+                # A later login frame on the same connection replaces its symbols.
+                async for raw in ws:
+                    symbols = self._login(raw)
+                    if symbols is None:
+                        await ws.send("Invalid user key")
+                        await ws.close(1008, "invalid userKey")
+                        return
+                    if not await self._subscribe(ws, client, symbols):
+                        return
+                    log.info("client changed symbols", extra={"peer": client.peer,
+                                                              "symbols": client.symbols})
             finally:
+                streaming.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await streaming
                 self.logged_in -= 1
+                self.clients.remove(client)
         except (ConnectionClosed, TimeoutError):
             return
+
+    async def _subscribe(self, ws: ServerConnection, client: Client, wanted: list[str]) -> bool:
+        """Carry what the catalogue has; name the rest; refuse a set over the per-session cap."""
+        carried = [s for s in wanted if s in self._walks]
+        unknown = [s for s in wanted if s not in self._walks]
+        if self._max_symbols and len(carried) > self._max_symbols:
+            log.info("refused a login over the symbol limit", extra={"peer": client.peer,
+                                                                     "symbols": len(carried)})
+            await ws.send(f"Too many symbols: at most {self._max_symbols} per connection")
+            await ws.close(1008, "symbol limit")
+            return False
+        if unknown:
+            await ws.send(UNKNOWN_PREFIX + ",".join(unknown))
+        client.symbols = carried
+        return True
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The test endpoints; anything else goes on to the WebSocket handshake."""
+        url = urlsplit(request.path)
+        if url.path == "/sessions":
+            body = [{"peer": c.peer, "symbols": c.symbols, "stalled": c.stalled} for c in self.clients]
+            return connection.respond(HTTPStatus.OK, orjson.dumps(body).decode() + "\n")
+        if url.path == "/stall":
+            symbol = parse_qs(url.query).get("symbol", [""])[0]
+            hit = [c for c in self.clients if symbol in c.symbols]
+            for c in hit:
+                c.stalled = True
+            log.info("stalled sessions", extra={"symbol": symbol, "sessions": len(hit)})
+            return connection.respond(HTTPStatus.OK if hit else HTTPStatus.NOT_FOUND, f"{len(hit)}\n")
+        return None
 
     def _login(self, raw: str | bytes) -> list[str] | None:
         try:
@@ -96,18 +168,19 @@ class SimFeed:
             return None
         if not hmac.compare_digest(key.encode(), self._key.encode()):
             return None
-        # Like the real feed: symbols it does not carry are ignored.
-        return [s.strip() for s in wanted.split(",") if s.strip() in self._walks]
+        return [s.strip() for s in wanted.split(",") if s.strip()]
 
-    async def _stream(self, ws: ServerConnection, symbols: list[str]) -> None:
-        if not symbols:
-            await ws.wait_closed()
-            return
-        interval = 1.0 / (self._rate * len(symbols))
+    async def _stream(self, ws: ServerConnection, client: Client) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         i = 0
         while True:
+            symbols = client.symbols
+            if not symbols or client.stalled:
+                await asyncio.sleep(0.05)
+                next_at = loop.time()
+                continue
+            interval = 1.0 / (self._rate * len(symbols))
             symbol = symbols[i % len(symbols)]
             i += 1
             bid, ask, mid = self._walks[symbol].step()

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 from redis.exceptions import RedisError
 
@@ -22,15 +22,14 @@ from ingestor import metrics
 from ingestor.backoff import Backoff
 from ingestor.demand import DemandWatcher, StatusReporter
 from ingestor.leader import Leadership, SoleLeader
+from ingestor.pool import UpstreamPool
 from ingestor.publisher import Publisher
 from ingestor.sequencer import Sequencer
-from ingestor.upstream import Upstream
 from shared.bus import Bus, Fenced
 from shared.bus_probe import BusProbe
-from shared.demand import DemandStore, MemoryDemandStore
+from shared.demand import DemandStore, MemoryDemandStore, SymbolStatus
 from shared.metrics import serve_health
 from shared.settings import IngestorSettings
-from shared.tick import Quote
 
 log = logging.getLogger("fxproxy.ingestor")
 T = TypeVar("T")
@@ -171,58 +170,24 @@ async def _start_term(state: _State, settings: IngestorSettings, token: str) -> 
 
 async def _stream(settings: IngestorSettings, state: _State, publisher: Publisher,
                   demand: DemandStore) -> NoReturn:
-    """Stream what demand asks for (ingestor/demand.py). Until the session pool lands, a changed
-    set replaces the upstream by one logged in with the new list; the pool's want() will not."""
-    wanted: tuple[str, ...] = ()
-    changed = asyncio.Event()
-    reported: set[str] = set()  # reported "streaming" already (the watcher clears dropped ones)
-
-    def on_change(symbols: tuple[str, ...]) -> None:
-        nonlocal wanted
-        wanted = symbols
-        changed.set()
-
+    """Stream the static symbols and what demand asks for (ingestor/demand.py) through the session
+    pool; its verdicts (streaming, capacity, unknown) reach waiting clients through the reporter."""
     reporter = StatusReporter(demand, state.bus)
+
+    def on_status(symbol: str, status: str) -> None:
+        reporter.report(symbol, cast(SymbolStatus, status))
+
+    pool = UpstreamPool(settings, lambda quote: publisher.put(state.sequencer.number(quote)),
+                        on_status, connected=state.upstream_up)
+    pool.want(settings.symbols)
     watcher = DemandWatcher(demand, settings.symbols, settings.on_demand, settings.demand_grace,
-                            on_change)
-    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(watcher.run()),
-                                      asyncio.create_task(reporter.run())]
+                            pool.want)
+    tasks = [asyncio.create_task(job) for job in (pool.run(), watcher.run(), reporter.run())]
     try:
-        while True:
-            waiter = asyncio.create_task(changed.wait())
-            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            for task in done - {waiter}:
-                task.result()
-                raise RuntimeError("an upstream task ended by itself")  # pragma: no cover
-            changed.clear()
-            if len(tasks) > 2:
-                upstream_task = tasks.pop()
-                upstream_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await upstream_task  # logged out first: the vendor may allow one session
-            metrics.UPSTREAM_SYMBOLS.set(len(wanted))
-            reported.intersection_update(wanted)
-            unseen = set(wanted) - reported  # "streaming" goes out with a symbol's first quote
-
-            def on_quote(quote: Quote, unseen: set[str] = unseen) -> None:
-                if unseen and quote.symbol in unseen:
-                    unseen.discard(quote.symbol)
-                    reported.add(quote.symbol)
-                    reporter.report(quote.symbol, "streaming")
-                publisher.put(state.sequencer.number(quote))
-
-            upstream = Upstream(
-                settings.upstream_urls,
-                settings.upstream_key.get_secret_value(),
-                wanted,
-                on_quote,
-                headers=settings.upstream_headers,
-                silence_timeout=settings.silence_timeout,
-                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
-                connected=state.upstream_up,
-            )
-            tasks.append(asyncio.create_task(upstream.run()))
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        raise RuntimeError("an upstream task ended by itself")  # pragma: no cover
     finally:
         metrics.UPSTREAM_SYMBOLS.set(0)
         for task in tasks:

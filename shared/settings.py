@@ -6,7 +6,7 @@ import socket
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.keystore import SYMBOL_GLOB_RE
@@ -107,11 +107,28 @@ class EdgeSettings(CommonSettings):
         return self.edge_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
+Dialect = Literal["tradermade", "kabu"]
+KABU_MAX_SYMBOLS = 50  # kabuステーション's API registration list holds at most 50 symbols
+
+
 class IngestorSettings(CommonSettings):
-    upstream_urls: CsvList = Field(
-        default_factory=list, description="Upstream WebSocket URLs, tried in order, comma-separated"
+    upstream_dialect: Dialect = Field(
+        "tradermade", description="Vendor dialect: tradermade (login over the WebSocket) or kabu "
+        "(kabuステーション: token and registration over REST, board pushes over a WebSocket)"
     )
-    upstream_key: SecretStr = Field(SecretStr(""), description="Vendor API key (userKey)")
+    upstream_urls: CsvList = Field(
+        default_factory=list, description="Upstream URLs, comma-separated. tradermade: WebSocket URLs, "
+        "tried in order; kabu: REST bases (http://host:18080/kabusapi), one kabuステーション per session"
+    )
+    upstream_key: SecretStr = Field(
+        SecretStr(""), description="Vendor API key (tradermade userKey, kabu API password)"
+    )
+    upstream_max_symbols: int = Field(
+        0, ge=0, description="Symbols one upstream session may carry (0 = no limit; kabu: 50 at most)"
+    )
+    upstream_max_connections: int = Field(
+        1, ge=1, description="Upstream sessions the vendor allows; symbols are spread over as few as fit"
+    )
     upstream_headers: dict[str, str] = Field(
         default_factory=dict, description='Extra upstream handshake headers, JSON: {"X-A":"b"}'
     )
@@ -140,6 +157,28 @@ class IngestorSettings(CommonSettings):
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
+    def symbols_per_session(self) -> int:
+        """The per-session cap in force (0 = none): kabu's registration list is never unlimited."""
+        if self.upstream_dialect == "kabu":
+            return self.upstream_max_symbols or KABU_MAX_SYMBOLS
+        return self.upstream_max_symbols
+
+    @model_validator(mode="after")
+    def _vendor_limits(self) -> IngestorSettings:
+        if self.upstream_dialect == "kabu":
+            if self.upstream_max_symbols > KABU_MAX_SYMBOLS:
+                raise ValueError(f"FXPROXY_UPSTREAM_MAX_SYMBOLS={self.upstream_max_symbols}: kabu "
+                                 f"registers at most {KABU_MAX_SYMBOLS} symbols per session")
+            odd = [s for s in self.symbols if "@" not in s]
+            if odd:
+                raise ValueError(f"FXPROXY_SYMBOLS: kabu symbols are code@exchange, e.g. 9433@1, "
+                                 f"not {', '.join(odd[:3])}")
+            if self.upstream_urls and len(self.upstream_urls) < self.upstream_max_connections:
+                raise ValueError(f"FXPROXY_UPSTREAM_MAX_CONNECTIONS={self.upstream_max_connections} "
+                                 f"kabu sessions need as many FXPROXY_UPSTREAM_URLS (one kabuステーション "
+                                 f"each), got {len(self.upstream_urls)}")
+        return self
+
     @field_validator("upstream_urls", "symbols", "on_demand", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
@@ -161,10 +200,24 @@ class IngestorSettings(CommonSettings):
 
 
 class SimfeedSettings(CommonSettings):
+    dialect: Dialect = Field(
+        "tradermade", description="Vendor to simulate: tradermade (WebSocket login) or kabu "
+        "(kabuステーション REST + PUSH under /kabusapi)"
+    )
     host: str = Field("127.0.0.1", description="Address the simulated feed listens on")
     port: int = Field(9100, ge=0, le=65535, description="Port of the simulated feed")
-    key: SecretStr = Field(SecretStr("demo-upstream-key"), description="userKey the feed accepts")
+    key: SecretStr = Field(
+        SecretStr("demo-upstream-key"), description="userKey (tradermade) or API password (kabu) accepted"
+    )
     rate: float = Field(10.0, gt=0, description="Ticks per second per subscribed symbol")
     max_connections: int = Field(
-        0, ge=0, description="Logged-in connections allowed at once, like a vendor's (0 = any)"
+        0, ge=0, description="tradermade: logged-in connections allowed at once, like a vendor's (0 = any)"
+    )
+    max_symbols: int = Field(
+        0, ge=0, description="Symbols per session (tradermade, 0 = any) or registered at once "
+        f"(kabu, 0 = {KABU_MAX_SYMBOLS}); more are refused like the vendor does"
+    )
+    token_ttl: float = Field(
+        0.0, ge=0, description="kabu: seconds a token lasts; then it is revoked, registrations are "
+        "dropped and push sockets closed, as at kabuステーション's forced logout (0 = never)"
     )

@@ -13,7 +13,9 @@ from typing import NamedTuple
 
 import orjson
 
-SYMBOL_RE = re.compile(r"[A-Z][A-Z0-9]{2,15}")
+# Forex and crypto pairs (EURUSD, XAUUSD), or an exchange-listed code with its market after an @,
+# as kabuステーション names them (9433@1: KDDI on the Tokyo Stock Exchange).
+SYMBOL_RE = re.compile(r"[A-Z][A-Z0-9]{2,15}|[0-9A-Z]{3,20}@[0-9]{1,2}")
 EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 

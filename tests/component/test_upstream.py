@@ -15,7 +15,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from fxproxy.simfeed import PAIRS, SimFeed
 from ingestor import metrics
 from ingestor.backoff import Backoff
-from ingestor.upstream import Upstream
+from ingestor.vendors.base import Hooks
+from ingestor.vendors.tradermade import TraderMadeSession
 from shared.tick import Quote
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -34,7 +35,7 @@ def tick(symbol: str = "EURUSD", bid: float = 1.1) -> str:
 
 
 async def run_upstream(url: str, quotes: list[Quote], **kw: object) -> asyncio.Task[None]:
-    up = Upstream([url], "secret", ["EURUSD"], quotes.append,
+    up = TraderMadeSession([url], "secret", ["EURUSD"], Hooks(quotes.append),
                   backoff=Backoff(0.05, 0.1), **kw)  # type: ignore[arg-type]
     return asyncio.create_task(up.run())
 
@@ -137,7 +138,7 @@ async def test_simfeed_refuses_a_wrong_user_key_clearly(simfeed: str) -> None:
 async def test_simfeed_streams_random_walk_quotes_with_bid_below_ask(simfeed: str) -> None:
     assert len(PAIRS) >= 15 and {"EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCAD"} <= set(PAIRS)
     quotes: list[Quote] = []
-    up = Upstream([simfeed], "right-key", ["EURUSD", "USDJPY", "NOSUCH"], quotes.append)
+    up = TraderMadeSession([simfeed], "right-key", ["EURUSD", "USDJPY", "NOSUCH"], Hooks(quotes.append))
     task = asyncio.create_task(up.run())
     for _ in range(200):
         if len(quotes) >= 40:
@@ -172,7 +173,7 @@ async def reconnect_gaps(deliver: bool, sessions: int = 4) -> list[float]:
 
     quotes: list[Quote] = []
     async with vendor(handler) as url:
-        up = Upstream([url], "secret", ["EURUSD"], quotes.append,
+        up = TraderMadeSession([url], "secret", ["EURUSD"], Hooks(quotes.append),
                       backoff=Backoff(0.2, 5.0, rng=CeilingRng()))
         task = asyncio.create_task(up.run())
         for _ in range(300):

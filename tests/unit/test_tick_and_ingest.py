@@ -9,7 +9,7 @@ import pytest
 
 from ingestor.backoff import Backoff
 from ingestor.sequencer import Sequencer
-from ingestor.tradermade import MalformedMessage, login_frame, parse_message
+from ingestor.vendors.tradermade import MalformedMessage, login_frame, parse_message
 from shared.tick import (
     Position,
     Quote,
@@ -115,7 +115,7 @@ def test_backoff_grows_exponentially_with_jitter_up_to_max_and_resets() -> None:
 
 
 def test_upstream_urls_are_logged_without_credentials_or_query() -> None:
-    from ingestor.upstream import loggable
+    from ingestor.vendors.supervise import loggable
 
     assert loggable("wss://user:s3cret@feed.example:8443/feedadv?api_key=abc") == "wss://feed.example:8443/feedadv"
 

@@ -1,0 +1,148 @@
+"""The upstream pool: the wanted symbols spread over as few vendor sessions as the vendor's limits
+allow, each session failing and recovering on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection
+
+from ingestor import metrics
+from ingestor.packing import plan
+from ingestor.vendors import Hooks, VendorSession, carries, open_session
+from shared.settings import IngestorSettings
+from shared.tick import Quote
+
+log = logging.getLogger("fxproxy.ingestor.pool")
+
+
+class UpstreamPool:
+    """`want()` says what to stream; `run()` opens, changes and closes sessions to match.
+
+    Statuses go to `on_status(symbol, status)` once per change: "streaming" (the vendor accepted
+    it), "capacity" (over FXPROXY_UPSTREAM_MAX_SYMBOLS x FXPROXY_UPSTREAM_MAX_CONNECTIONS; static
+    symbols go first), "unknown" (the vendor does not carry it). `connected` is set while every
+    session that has symbols is logged in.
+    """
+
+    def __init__(self, settings: IngestorSettings, on_quote: Callable[[Quote], None],
+                 on_status: Callable[[str, str], None], *,
+                 connected: asyncio.Event | None = None) -> None:
+        self._settings = settings
+        self._on_quote = on_quote
+        self._on_status = on_status
+        self.connected = connected or asyncio.Event()
+        self._static = list(dict.fromkeys(settings.symbols))
+        self._per_session = settings.symbols_per_session()
+        self._slots: list[VendorSession | None] = [None] * settings.upstream_max_connections
+        self._tasks: list[asyncio.Task[None] | None] = [None] * settings.upstream_max_connections
+        self._wanted: frozenset[str] = frozenset()
+        self._unknown: set[str] = set()
+        self._status: dict[str, str] = {}
+        self._dirty = asyncio.Event()
+
+    def want(self, symbols: Collection[str]) -> None:
+        """The whole set to stream now (sync, returns at once); run() reconciles sessions to it."""
+        self._wanted = frozenset(symbols)
+        # A symbol this vendor cannot even name (9433@1 on a forex feed) is unknown to it.
+        self._unknown |= {s for s in self._wanted if not carries(self._settings, s)}
+        self._dirty.set()
+
+    def streamed(self) -> frozenset[str]:
+        """Symbols on a session now (accepted, or awaiting the vendor's first word)."""
+        out: set[str] = set()
+        for session in self._slots:
+            if session is not None:
+                out |= session.symbols
+        return frozenset(out - self._unknown)
+
+    async def run(self) -> None:
+        """Until cancelled; then every session is closed."""
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                self._reconcile()
+        finally:
+            tasks = [t for t in self._tasks if t is not None]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._slots = [None] * len(self._slots)
+            self._tasks = [None] * len(self._tasks)
+            self._link_changed()
+
+    def _priority(self) -> list[str]:
+        """Static symbols first (in configured order), then on-demand ones already streamed, then
+        new ones: a newcomer never pushes out a symbol clients are being sent."""
+        wanted = self._wanted - self._unknown
+        static = [s for s in self._static if s in wanted]
+        current = self.streamed()
+        rest = wanted - set(static)
+        return static + sorted(rest & current) + sorted(rest - current)
+
+    def _reconcile(self) -> None:
+        for task in self._tasks:
+            if task is not None and task.done() and not task.cancelled() and task.exception():
+                raise RuntimeError("an upstream session ended") from task.exception()
+        for symbol in self._wanted & self._unknown:
+            self._report(symbol, "unknown")
+        current = [s.symbols if s is not None else frozenset() for s in self._slots]
+        layout = plan(current, self._priority(), self._per_session, len(self._slots))
+        for symbol in layout.refused:
+            if self._status.get(symbol) != "capacity":
+                log.warning("symbol refused: over the vendor's limits",
+                            extra={"symbol": symbol, "max_symbols": self._per_session,
+                                   "max_connections": len(self._slots)})
+            self._report(symbol, "capacity")
+        for slot, symbols in enumerate(layout.sessions):
+            self._apply(slot, symbols)
+        for symbol in set(self._status) - self._wanted:
+            del self._status[symbol]  # asked for again later: reported again
+        metrics.UPSTREAM_SYMBOLS.set(len(self.streamed()))
+        self._link_changed()
+
+    def _apply(self, slot: int, symbols: frozenset[str]) -> None:
+        session, task = self._slots[slot], self._tasks[slot]
+        if session is not None and symbols == session.symbols:
+            return
+        if not symbols:
+            if task is not None:
+                log.info("closing upstream session", extra={"session": slot})
+                task.cancel()
+            self._slots[slot] = self._tasks[slot] = None
+            return
+        if session is not None:
+            session.change(symbols)
+            return
+        hooks = Hooks(self._on_quote, lambda sym, status: self._vendor_status(sym, status),
+                      self._link_changed)
+        session = open_session(self._settings, slot, symbols, hooks)
+        log.info("opening upstream session", extra={"session": slot, "symbols": len(symbols)})
+        self._slots[slot] = session
+        new = asyncio.create_task(session.run(), name=f"upstream-session-{slot}")
+        new.add_done_callback(lambda _: self._dirty.set())
+        self._tasks[slot] = new
+
+    def _vendor_status(self, symbol: str, status: str) -> None:
+        if status == "unknown" and symbol not in self._unknown:
+            self._unknown.add(symbol)
+            self._dirty.set()  # take it off its session: it must not hold a place
+        if symbol in self._wanted:
+            self._report(symbol, status)
+
+    def _report(self, symbol: str, status: str) -> None:
+        if self._status.get(symbol) != status:
+            self._status[symbol] = status
+            self._on_status(symbol, status)
+
+    def _link_changed(self) -> None:
+        up = all(s.up for s in self._slots if s is not None)
+        metrics.UPSTREAM_UP.set(1 if up and any(self._slots) else 0)
+        if up and any(self._slots):
+            self.connected.set()
+        else:
+            self.connected.clear()

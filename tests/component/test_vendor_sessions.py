@@ -1,0 +1,166 @@
+"""The pool and both drivers against the in-process simulators: changing the set keeps the symbols
+that stay streaming, sessions open and close with demand, kabu errors are the real API's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+
+from fxproxy.simfeed import SimFeed
+from fxproxy.simkabu import SimKabu
+from ingestor.pool import UpstreamPool
+from ingestor.vendors.kabu import REGISTER_LIMIT, SYMBOL_NOT_FOUND, TOKEN_MISMATCH, WRONG_PASSWORD
+from shared.settings import IngestorSettings
+from shared.tick import Quote
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.quotes: list[tuple[float, Quote]] = []
+        self.statuses: list[tuple[str, str]] = []
+
+    def quote(self, quote: Quote) -> None:
+        self.quotes.append((time.monotonic(), quote))
+
+    def status(self, symbol: str, status: str) -> None:
+        self.statuses.append((symbol, status))
+
+    def seen(self, since: float) -> set[str]:
+        return {q.symbol for t, q in self.quotes if t >= since}
+
+    def longest_pause(self, symbols: set[str], start: float, end: float) -> float:
+        times = [start] + [t for t, q in self.quotes if q.symbol in symbols and start <= t <= end] + [end]
+        return max(b - a for a, b in itertools.pairwise(times))
+
+
+async def eventually(pred: object, timeout: float = 5.0) -> float:
+    start = time.monotonic()
+    while not pred():  # type: ignore[operator]
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+@contextlib.asynccontextmanager
+async def pool_running(settings: IngestorSettings, rec: Recorder) -> AsyncIterator[UpstreamPool]:
+    pool = UpstreamPool(settings, rec.quote, rec.status)
+    pool.want(settings.symbols)
+    task = asyncio.create_task(pool.run())
+    try:
+        yield pool
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_tradermade_sessions_follow_demand_and_staying_symbols_never_pause() -> None:
+    feed = SimFeed("k", rate=40, max_symbols=2, seed=3)
+    port = await feed.start("127.0.0.1", 0)
+    settings = IngestorSettings(upstream_urls=f"ws://127.0.0.1:{port}/", upstream_key="k",  # type: ignore[arg-type]
+                                symbols="EURUSD,GBPUSD", upstream_max_symbols=2,  # type: ignore[arg-type]
+                                upstream_max_connections=2, backoff_initial=0.05)
+    rec = Recorder()
+    try:
+        async with pool_running(settings, rec) as pool:
+            await eventually(lambda: rec.seen(0) == {"EURUSD", "GBPUSD"})
+            assert len(feed.clients) == 1
+            grown = time.monotonic()
+            pool.want(["EURUSD", "GBPUSD", "USDJPY"])
+            opened = await eventually(lambda: "USDJPY" in rec.seen(grown))
+            assert len(feed.clients) == 2
+            pool.want(["EURUSD", "USDJPY"])  # USDJPY joins EURUSD on its session; the other closes
+            await eventually(lambda: len(feed.clients) == 1 and set(feed.clients[0].symbols) == {
+                "EURUSD", "USDJPY"})
+            await asyncio.sleep(0.3)
+            end = time.monotonic()
+            pause = rec.longest_pause({"EURUSD"}, grown, end)
+            print(f"\nnew session streaming {opened:.2f}s after want(); EURUSD's longest pause "
+                  f"through two changes: {pause:.3f}s")
+            assert pause < 0.5
+            assert ("USDJPY", "streaming") in rec.statuses
+    finally:
+        await feed.close()
+
+
+async def test_tradermade_symbol_outside_the_catalogue_is_unknown_and_loses_its_place() -> None:
+    feed = SimFeed("k", rate=40, seed=3)
+    port = await feed.start("127.0.0.1", 0)
+    settings = IngestorSettings(upstream_urls=f"ws://127.0.0.1:{port}/", upstream_key="k",  # type: ignore[arg-type]
+                                symbols="EURUSD,NOSUCH")  # type: ignore[arg-type]
+    rec = Recorder()
+    try:
+        async with pool_running(settings, rec) as pool:
+            await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses and "EURUSD" in rec.seen(0))
+            await eventually(lambda: pool.streamed() == {"EURUSD"})
+            await eventually(lambda: feed.clients and feed.clients[0].symbols == ["EURUSD"])
+    finally:
+        await feed.close()
+
+
+@pytest.fixture
+async def kabu() -> AsyncIterator[tuple[SimKabu, str]]:
+    sim = SimKabu("pw", rate=40, max_symbols=3, seed=5)
+    port = await sim.start("127.0.0.1", 0)
+    yield sim, f"http://127.0.0.1:{port}/kabusapi"
+    await sim.close()
+
+
+async def test_kabu_changes_are_register_and_unregister_on_one_token(kabu: tuple[SimKabu, str]) -> None:
+    sim, base = kabu
+    settings = IngestorSettings(upstream_dialect="kabu", upstream_urls=base,  # type: ignore[arg-type]
+                                upstream_key="pw", symbols="9433@1,7203@1,1111@1",  # type: ignore[arg-type]
+                                backoff_initial=0.05)
+    rec = Recorder()
+    async with pool_running(settings, rec) as pool:
+        await eventually(lambda: rec.seen(0) == {"9433@1", "7203@1"})
+        assert ("1111@1", "unknown") in rec.statuses and sorted(sim.registered) == ["7203@1", "9433@1"]
+        changed = time.monotonic()
+        pool.want(["9433@1", "6758@1"])
+        await eventually(lambda: sorted(sim.registered) == ["6758@1", "9433@1"]
+                         and "6758@1" in rec.seen(changed))
+        # Another app takes the token: the next call is refused (401) and retried on a new one.
+        sim.token = "someone-else"
+        pool.want(["9433@1", "6758@1", "8306@1"])
+        await eventually(lambda: "8306@1" in rec.seen(changed))
+        await asyncio.sleep(0.3)
+        pause = rec.longest_pause({"9433@1"}, changed, time.monotonic())
+    print(f"\n9433@1's longest pause through two registration changes and a token refusal: {pause:.3f}s")
+    assert pause < 0.5
+    assert sim.tokens_issued == 2
+
+
+async def test_kabu_simulator_answers_like_the_reference(kabu: tuple[SimKabu, str]) -> None:
+    _, base = kabu
+
+    async def call(http: aiohttp.ClientSession, method: str, path: str, body: object,
+                   token: str = "") -> tuple[int, dict[str, object]]:
+        headers = {"X-API-KEY": token} if token else {}
+        async with http.request(method, base + path, data=orjson.dumps(body), headers=headers) as resp:
+            return resp.status, orjson.loads(await resp.read())
+
+    def symbols(*codes: str) -> dict[str, object]:
+        return {"Symbols": [{"Symbol": c, "Exchange": 1} for c in codes]}
+
+    async with aiohttp.ClientSession() as http:
+        assert (await call(http, "POST", "/token", {"APIPassword": "nope"}))[1]["Code"] == WRONG_PASSWORD
+        status, body = await call(http, "PUT", "/register", symbols("9433"), "made-up")
+        assert (status, body["Code"]) == (401, TOKEN_MISMATCH)
+        token = str((await call(http, "POST", "/token", {"APIPassword": "pw"}))[1]["Token"])
+        assert (await call(http, "PUT", "/register", symbols("9433", "0000"), token))[1]["Code"] == (
+            SYMBOL_NOT_FOUND)
+        status, body = await call(http, "PUT", "/register", symbols("9433", "7203"), token)
+        assert status == 200 and len(body["RegistList"]) == 2  # type: ignore[arg-type]
+        assert (await call(http, "PUT", "/register", symbols("6758", "9984"), token))[1]["Code"] == (
+            REGISTER_LIMIT)  # three at most here, like kabu's fifty
+        newer = str((await call(http, "POST", "/token", {"APIPassword": "pw"}))[1]["Token"])
+        assert (await call(http, "PUT", "/unregister", symbols("9433"), token))[0] == 401
+        status, body = await call(http, "PUT", "/unregister", symbols("9433"), newer)
+        assert body == {"RegistList": [{"Symbol": "7203", "Exchange": 1}]}

@@ -1,0 +1,192 @@
+"""Vendor limits without a vendor: packing symbols on sessions, refusing the excess (static
+symbols first), unknown symbols taken off, and readiness, with sessions that only record."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Collection
+
+import pytest
+
+from ingestor import metrics
+from ingestor import pool as pool_module
+from ingestor.packing import plan
+from ingestor.pool import UpstreamPool
+from ingestor.vendors.base import Hooks
+from shared.settings import IngestorSettings
+
+F = frozenset
+
+
+def test_symbols_fill_open_sessions_before_a_new_one_opens() -> None:
+    layout = plan([], ["A", "B", "C", "D", "E"], per_session=3, max_sessions=3)
+    assert [len(s) for s in layout.sessions] == [3, 2, 0]
+    assert set().union(*layout.sessions) == {"A", "B", "C", "D", "E"}
+    assert layout.refused == ()
+
+
+def test_unlimited_sessions_carry_everything_on_one() -> None:
+    layout = plan([], [f"S{i:03}" for i in range(500)], per_session=0, max_sessions=4)
+    assert len(layout.sessions) == 1 and len(layout.sessions[0]) == 500
+
+
+def test_excess_over_symbols_times_sessions_is_refused_in_priority_order() -> None:
+    wanted = [f"S{i:03}" for i in range(8)]
+    layout = plan([], wanted, per_session=3, max_sessions=2)
+    assert layout.refused == ("S006", "S007")
+    assert set().union(*layout.sessions) == set(wanted[:6])
+
+
+def test_symbols_that_stay_stay_on_their_session() -> None:
+    before = plan([], ["A", "B", "C", "D", "E"], per_session=3, max_sessions=2).sessions
+    after = plan(before, ["A", "B", "C", "D", "E", "F"], per_session=3, max_sessions=2).sessions
+    for old, new in zip(before, after, strict=True):
+        assert old <= new  # nothing moved, F went where there was room
+    assert after[0] | after[1] == F("ABCDEF")
+
+
+def test_a_session_whose_symbols_fit_elsewhere_is_emptied() -> None:
+    current = [F({"A", "B"}), F({"C", "D"})]
+    layout = plan(current, ["A", "C", "D"], per_session=3, max_sessions=2)
+    # The session left with fewer symbols (A) moves them: one symbol moves, not two.
+    assert layout.sessions == (F(), F({"A", "C", "D"}))
+
+
+class FakeSession:
+    """Records what the pool hands it; the test plays the vendor through its hooks."""
+
+    def __init__(self, slot: int, symbols: Collection[str], hooks: Hooks) -> None:
+        self.slot, self._symbols, self.hooks = slot, frozenset(symbols), hooks
+        self.up = False
+        self.changes: list[frozenset[str]] = []
+        self.closed = False
+
+    @property
+    def symbols(self) -> frozenset[str]:
+        return self._symbols
+
+    def change(self, symbols: frozenset[str]) -> None:
+        self._symbols = symbols
+        self.changes.append(symbols)
+
+    def login(self) -> None:
+        self.up = True
+        self.hooks.on_link()
+
+    async def run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.closed = True
+
+
+@pytest.fixture
+def sessions(monkeypatch: pytest.MonkeyPatch) -> list[FakeSession]:
+    opened: list[FakeSession] = []
+
+    def fake(settings: IngestorSettings, slot: int, symbols: Collection[str], hooks: Hooks) -> FakeSession:
+        opened.append(FakeSession(slot, symbols, hooks))
+        return opened[-1]
+
+    monkeypatch.setattr(pool_module, "open_session", fake)
+    return opened
+
+
+def settings(static: str, per: int, conns: int) -> IngestorSettings:
+    return IngestorSettings(symbols=static, upstream_urls="ws://127.0.0.1:1/",  # type: ignore[arg-type]
+                            upstream_max_symbols=per, upstream_max_connections=conns)
+
+
+@contextlib.asynccontextmanager
+async def running(pool: UpstreamPool) -> AsyncIterator[None]:
+    task = asyncio.create_task(pool.run())
+    await settle()
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_pool_refuses_capacity_excess_and_static_symbols_go_first(sessions: list[FakeSession]) -> None:
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("EURUSD,GBPUSD,USDJPY", 2, 2), lambda q: None,
+                        lambda s, st: statuses.append((s, st)))
+    pool.want(["AUDUSD", "EURUSD", "GBPUSD", "USDJPY", "NZDUSD"])  # 5 wanted, room for 4
+    async with running(pool):
+        assert len(sessions) == 2
+        assert pool.streamed() == {"EURUSD", "GBPUSD", "USDJPY", "AUDUSD"}
+        assert statuses == [("NZDUSD", "capacity")]
+        assert metrics.UPSTREAM_SYMBOLS._value.get() == 4
+        # A newcomer does not push out an on-demand symbol already streamed.
+        pool.want(["AUDUSD", "EURUSD", "GBPUSD", "USDJPY", "CADJPY"])
+        await settle()
+        assert pool.streamed() == {"EURUSD", "GBPUSD", "USDJPY", "AUDUSD"}
+        assert ("CADJPY", "capacity") in statuses
+        # Demand going away makes room.
+        pool.want(["EURUSD", "GBPUSD", "USDJPY", "CADJPY"])
+        await settle()
+        assert pool.streamed() == {"EURUSD", "GBPUSD", "USDJPY", "CADJPY"}
+    assert all(s.closed for s in sessions)
+
+
+async def test_vendor_statuses_are_forwarded_once_and_unknown_symbols_lose_their_place(
+        sessions: list[FakeSession]) -> None:
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("EURUSD,NOSUCH", 0, 1), lambda q: None,
+                        lambda s, st: statuses.append((s, st)))
+    pool.want(["EURUSD", "NOSUCH"])
+    async with running(pool):
+        (session,) = sessions
+        for _ in range(3):  # e.g. three re-logins: said again each time by the vendor
+            session.hooks.on_status("EURUSD", "streaming")
+        session.hooks.on_status("NOSUCH", "unknown")
+        await settle()
+        assert statuses == [("EURUSD", "streaming"), ("NOSUCH", "unknown")]
+        assert session.symbols == {"EURUSD"} and pool.streamed() == {"EURUSD"}
+
+
+async def test_ready_only_while_every_session_with_symbols_is_logged_in(sessions: list[FakeSession]) -> None:
+    connected = asyncio.Event()
+    pool = UpstreamPool(settings("A00,B00,C00", 2, 2), lambda q: None, lambda s, st: None,
+                        connected=connected)
+    pool.want(["A00", "B00", "C00"])
+    async with running(pool):
+        first, second = sessions
+        first.login()
+        assert not connected.is_set()
+        second.login()
+        assert connected.is_set()
+        second.up = False
+        second.hooks.on_link()
+        assert not connected.is_set()
+    assert not connected.is_set()
+
+
+async def test_a_symbol_the_dialect_cannot_name_is_unknown_at_once(sessions: list[FakeSession]) -> None:
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("EURUSD", 0, 1), lambda q: None, lambda s, st: statuses.append((s, st)))
+    pool.want(["EURUSD", "9433@1"])
+    async with running(pool):
+        assert statuses == [("9433@1", "unknown")]
+        assert [s.symbols for s in sessions] == [{"EURUSD"}]
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"upstream_max_symbols": 51}, "at most 50"),
+    ({"symbols": "EURUSD"}, "code@exchange"),
+    ({"upstream_max_connections": 2}, "one kabuステーション each"),
+])
+def test_kabu_limits_that_cannot_work_fail_at_start(env: dict[str, object], says: str) -> None:
+    fields: dict[str, object] = {"upstream_dialect": "kabu", "symbols": "9433@1",
+                                 "upstream_urls": "http://127.0.0.1:18080/kabusapi", **env}
+    with pytest.raises(ValueError, match=says):
+        IngestorSettings(**fields)  # type: ignore[arg-type]
+    assert IngestorSettings(upstream_dialect="kabu").symbols_per_session() == 50
