@@ -2,7 +2,7 @@
 
 The simfeed streams whatever catalogue symbols a login names; the static list is conftest's
 SYMBOLS (five pairs), the on-demand globs let clients call up XAUUSD, USDSEK and ZZZ* (which
-the simfeed does not carry: it stays pending, as with a vendor that is slow to answer).
+the simfeed does not carry: it answers with an unknown-symbols notice, as a vendor does).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.demand import Catalog, RedisDemandStore, symbol_status_event
+from shared.demand import Catalog, RedisDemandStore
 from shared.keystore import RedisKeyStore
 from shared.redis_bus import RedisBus
 from tests.conftest import API_KEY, SYMBOLS, Cluster
@@ -147,31 +147,44 @@ async def test_symbols_outside_the_globs_are_unknown_and_tradermade_clients_wait
     assert metric(metrics_port, GAUGE) in (STATIC, STATIC + 1)  # USDSEK within its grace, or gone
 
 
-async def test_capacity_status_reaches_the_pending_client_through_redis(cluster: Cluster) -> None:
+async def test_over_the_vendor_limits_the_pending_client_gets_capacity(cluster: Cluster) -> None:
+    cluster.simfeed()
+    # One session of five symbols: the static five fill it, so XAUUSD has no room.
+    ingestor(cluster, FXPROXY_UPSTREAM_MAX_SYMBOLS=str(STATIC))
+    _, port = cluster.edge()
+    async with await streaming(port) as ws:
+        started = time.monotonic()
+        await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD"], "id": 3})
+        reply = await until(ws, lambda m: m.get("type") == "subscribed")
+        assert reply["pending"] == ["XAUUSD"]
+        error = await until(ws, lambda m: m.get("type") == "error")
+        took = time.monotonic() - started
+        print(f"\ncapacity error at the client {took * 1000:.0f} ms after its subscribe")
+        assert (error["code"], error["symbols"]) == ("capacity", ["XAUUSD"])
+        assert took < 2.0
+        # A later subscriber is refused at once, from fx:symstatus.
+        await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD"], "id": 4})
+        again = await until(ws, lambda m: m.get("type") == "error")
+        assert (again["code"], again["id"]) == ("capacity", 4)
+        # The static symbols never stopped for it.
+        assert_no_gaps([t for t in await live_ticks(ws, 20) if t["symbol"] == "EURUSD"])
+
+
+async def test_a_symbol_the_vendor_does_not_carry_is_unknown_to_the_pending_client(
+        cluster: Cluster) -> None:
     cluster.simfeed()
     ingestor(cluster)
     _, port = cluster.edge()
-    client = redis.Redis.from_url(cluster.redis_url)
-    try:
-        async with await streaming(port) as ws:
-            await send_json(ws, {"op": "subscribe", "symbols": ["ZZZUSD"], "id": 3})
-            reply = await until(ws, lambda m: m.get("type") == "subscribed")
-            assert reply["pending"] == ["ZZZUSD"]
-            # Until the session pool reports it, we play its part: refused over the vendor limits.
-            started = time.monotonic()
-            client.hset("fx:symstatus", "ZZZUSD", "capacity")
-            client.publish("fx:ctl", symbol_status_event("ZZZUSD", "capacity"))
-            error = await until(ws, lambda m: m.get("type") == "error")
-            took = time.monotonic() - started
-            print(f"\ncapacity error at the client {took * 1000:.0f} ms after the event")
-            assert (error["code"], error["symbols"]) == ("capacity", ["ZZZUSD"])
-            assert took < 1.0
-            # A later subscriber is refused at once, from fx:symstatus.
-            await send_json(ws, {"op": "subscribe", "symbols": ["ZZZUSD"], "id": 4})
-            again = await until(ws, lambda m: m.get("type") == "error")
-            assert (again["code"], again["id"]) == ("capacity", 4)
-    finally:
-        client.close()
+    async with await streaming(port) as ws:
+        started = time.monotonic()
+        await send_json(ws, {"op": "subscribe", "symbols": ["ZZZUSD"], "id": 5})
+        reply = await until(ws, lambda m: m.get("type") == "subscribed")
+        assert reply["pending"] == ["ZZZUSD"]
+        error = await until(ws, lambda m: m.get("type") == "error")
+        took = time.monotonic() - started
+        print(f"\nvendor's unknown-symbol notice at the client {took * 1000:.0f} ms after its subscribe")
+        assert (error["code"], error["symbols"]) == ("unknown_symbol", ["ZZZUSD"])
+        assert took < 3.0
 
 
 async def test_demand_survives_a_leader_change(cluster: Cluster) -> None:
