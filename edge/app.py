@@ -8,6 +8,7 @@ import logging
 
 from edge.auth import Authenticator
 from edge.server import EdgeServer
+from edge.workgroup import WorkerGroup
 from shared.bus import Bus
 from shared.keystore import KeyStore
 from shared.settings import EdgeSettings
@@ -16,9 +17,16 @@ log = logging.getLogger("fxproxy.edge")
 
 
 class EdgeApp:
-    def __init__(self, settings: EdgeSettings, bus: Bus, keystore: KeyStore | None) -> None:
+    def __init__(self, settings: EdgeSettings, bus: Bus, keystore: KeyStore | None,
+                 group: WorkerGroup | None = None) -> None:
         self.settings = settings
         self.server = EdgeServer(settings, bus, Authenticator(keystore, settings.api_keys))
+        self.group = group
+        if group is not None:  # one of several workers: answer /readyz and /metrics for all
+            server = self.server
+            server.on_ready = group.set_ready
+            server.readyz = lambda: server.ready() and group.all_ready()
+            server.metrics_page = group.render_metrics
         self._listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -31,11 +39,17 @@ class EdgeApp:
                 server.lag_probes(), server.probe.run())
         self._tasks = [asyncio.create_task(job) for job in jobs]
         loop = asyncio.get_running_loop()
+        # Workers each bind the same port; the kernel spreads new connections over them.
         self._listener = await loop.create_server(
-            server.protocol_factory, self.settings.host, self.settings.port, backlog=4096
+            server.protocol_factory, self.settings.host, self.settings.port, backlog=4096,
+            reuse_port=self.group is not None or None,
         )
         port: int = self._listener.sockets[0].getsockname()[1]
-        log.info("edge listening", extra={"host": self.settings.host, "port": port})
+        extra: dict[str, object] = {"host": self.settings.host, "port": port}
+        if self.group is not None:
+            self.group.listening = True
+            extra.update(worker=self.group.worker_id, edge_id=server.edge_id)
+        log.info("edge listening", extra=extra)
         return port
 
     async def stop(self, drain_timeout: float | None = None) -> None:
@@ -52,9 +66,10 @@ class EdgeApp:
 
 
 async def run_edge(
-    settings: EdgeSettings, bus: Bus, keystore: KeyStore | None, stop: asyncio.Event
+    settings: EdgeSettings, bus: Bus, keystore: KeyStore | None, stop: asyncio.Event,
+    group: WorkerGroup | None = None,
 ) -> None:
-    app = EdgeApp(settings, bus, keystore)
+    app = EdgeApp(settings, bus, keystore, group)
     await app.start()
     await stop.wait()
     await app.stop()

@@ -8,7 +8,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -23,6 +23,9 @@ from shared.settings import (
     SimfeedSettings,
     split_csv,
 )
+
+if TYPE_CHECKING:
+    from edge.workgroup import WorkerGroup
 
 
 def _run(coro: Coroutine[Any, Any, int | None]) -> int:
@@ -53,16 +56,25 @@ def _bus_for(settings: CommonSettings, history_len: int = 1000) -> RedisBus:
     return RedisBus.from_url(settings.redis_url, Names(settings.prefix), history_len)
 
 
-async def _edge(settings: EdgeSettings) -> int:
+async def _edge(settings: EdgeSettings, group: WorkerGroup | None = None) -> int:
     from edge.app import run_edge
     from shared.keystore import RedisKeyStore
 
     bus = _bus_for(settings)
     try:
-        await run_edge(settings, bus, RedisKeyStore(bus.client, bus.names), _stop_on_signals())
+        await run_edge(settings, bus, RedisKeyStore(bus.client, bus.names), _stop_on_signals(), group)
     finally:
         await bus.close()
     return 0
+
+
+def _edge_main(settings: EdgeSettings) -> int:
+    """One process, or a supervisor of `--workers N` forked ones sharing the port."""
+    if settings.workers == 1:
+        return _run(_edge(settings))
+    from edge.workers import Supervisor
+
+    return Supervisor(settings, lambda worker, group: _run(_edge(worker, group))).run()
 
 
 async def _ingestor(settings: IngestorSettings) -> int:
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(model, args)
         setup_logging(settings.log_level, settings.log_format)
         if isinstance(settings, EdgeSettings):
-            return _run(_edge(settings))
+            return _edge_main(settings)
         if isinstance(settings, IngestorSettings):
             return _run(_ingestor(settings))
         if isinstance(settings, SimfeedSettings):
