@@ -176,3 +176,18 @@ async def test_a_keys_connection_limit_is_exact_whichever_worker_takes_the_conne
     await ws.close()
     for other, _ in held[1:]:
         await other.close()
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(cluster: Cluster) -> None:
+    proc, port, pids = two_workers(cluster, FXPROXY_DRAIN_TIMEOUT="1")
+    clients = await connect_many(port, 6, pids)
+    killed_at = time.monotonic()
+    proc.kill()  # SIGKILL: no drain by the supervisor; PR_SET_PDEATHSIG tells the workers
+    codes = [await closed_code(ws) for ws, _ in clients]
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() - killed_at < 10, "workers outlived their supervisor"
+        await asyncio.sleep(0.05)
+    took = time.monotonic() - killed_at
+    print(f"workers gone {took:.2f} s after kill -9 of the supervisor (drain timeout 1 s)")
+    assert codes == [1001] * 6
+    assert took < 1 + 5
