@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 
+from redis.exceptions import RedisError
+
 from edge.auth import Authenticator
 from edge.server import EdgeServer
 from edge.workgroup import WorkerGroup
@@ -35,6 +37,8 @@ class EdgeApp:
         server = self.server
         subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
         server.hub.subscriber = subscriber
+        if self.group is not None and self.group.predecessor:
+            await self._forget(self.group.predecessor)
         jobs = (subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
                 server.lag_probes(), server.probe.run())
         self._tasks = [asyncio.create_task(job) for job in jobs]
@@ -51,6 +55,19 @@ class EdgeApp:
             extra.update(worker=self.group.worker_id, edge_id=server.edge_id)
         log.info("edge listening", extra=extra)
         return port
+
+    async def _forget(self, edge_id: str) -> None:
+        """Free the connection slots of the dead worker this one replaces."""
+        store = self.server.auth.store
+        if store is None:
+            return
+        try:
+            async with asyncio.timeout(2):  # never hold up the start for it
+                await store.forget_edge(edge_id)
+        except (RedisError, OSError, TimeoutError) as exc:  # they free themselves after 3 heartbeats
+            log.warning("could not free a dead worker's slots", extra={"error": str(exc)})
+            return
+        log.info("freed a dead worker's slots", extra={"edge_id": edge_id})
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout

@@ -60,6 +60,7 @@ def _tag_logs(worker_id: str) -> None:
 class Worker:
     index: int
     pid: int = 0  # 0 while not running
+    edge_id: str = ""  # of its latest process
     starts: int = 0
     started: float = 0.0
     due: float = 0.0  # monotonic time of its next start, while not running
@@ -152,17 +153,17 @@ class Supervisor:
         worker.backoff = min(BACKOFF_MAX, 2 * worker.backoff)
 
     def _start(self, worker: Worker) -> None:
-        # A restarted worker gets a new edge id: the slots its predecessor held in Redis
-        # (fx:conns:*) are freed when that id's heartbeat expires, never inherited.
+        # A restarted worker gets a new edge id and frees the slots its predecessor held in
+        # Redis (fx:conns:*) at once, as it is known dead: never inherited, never leaked.
         edge_id = f"{self.base_id}-w{worker.index}" + (f".{worker.starts}" if worker.starts else "")
         settings = self.settings.model_copy(update={"edge_id": edge_id, "workers": 1})
-        group = WorkerGroup(worker.index, len(self.workers), self.state_dir)
+        group = WorkerGroup(worker.index, len(self.workers), self.state_dir, worker.edge_id)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             self._child(settings, group)
-        worker.pid, worker.started = pid, time.monotonic()
+        worker.pid, worker.started, worker.edge_id = pid, time.monotonic(), edge_id
         worker.starts += 1
         extra = {"worker": group.worker_id, "pid": pid, "edge_id": edge_id}
         if worker.starts > 1:

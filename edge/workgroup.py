@@ -53,6 +53,7 @@ class WorkerGroup:
     index: int
     count: int
     state_dir: Path
+    predecessor: str = ""  # edge id of the worker this one replaces, known dead
     listening: bool = False  # set once the port is bound: a failure before that is fatal
     _ready: bool = False
 

@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import API_KEY, Cluster
 from tests.integration.test_keys_cluster import create_key
@@ -191,3 +191,32 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(cluster: Clu
     print(f"workers gone {took:.2f} s after kill -9 of the supervisor (drain timeout 1 s)")
     assert codes == [1001] * 6
     assert took < 1 + 5
+
+
+async def test_a_killed_workers_slots_are_freed_as_soon_as_it_is_replaced(cluster: Cluster) -> None:
+    key = create_key(cluster.redis_url, "vera", "--max-connections", "4")
+    proc, port, pids = two_workers(cluster, FXPROXY_HEARTBEAT_INTERVAL="5")  # slots expire in 15 s
+    held = await connect_many(port, 4, pids, key)
+    victim = held[0][1]
+    lost = sum(pid == victim for _, pid in held)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.to_thread(wait_children, proc.proc.pid, 2, 5.0, {victim})
+    again = []
+    while len(again) < lost:  # the dropped clients come back with the same key
+        try:
+            again.append(await open_native(port, key))
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 429
+            assert time.monotonic() - killed_at < 10, "the dead worker's slots were never freed"
+            await asyncio.sleep(0.05)
+    took = time.monotonic() - killed_at
+    print(f"{lost} slots of a killed worker free again {took:.2f} s after kill -9 (expiry: 15 s)")
+    assert took < 5.0
+    pid, status = await asyncio.to_thread(raw_upgrade, port, key, children(proc.proc.pid))
+    assert status == 429, "a 5th connection got in: slots were freed twice"
+    for ws in again:
+        await ws.close()
+    for ws, pid in held:
+        if pid != victim:
+            await ws.close()
