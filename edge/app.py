@@ -39,15 +39,17 @@ class EdgeApp:
         server.hub.subscriber = subscriber
         if self.group is not None and self.group.predecessor:
             await self._forget(self.group.predecessor)
-        jobs = (subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
-                server.lag_probes(), server.probe.run())
-        self._tasks = [asyncio.create_task(job) for job in jobs]
         loop = asyncio.get_running_loop()
-        # Workers each bind the same port; the kernel spreads new connections over them.
+        # Bound before any background task exists, so a port in use fails the start at once
+        # (tasks cancelled mid-connect by the runner's teardown could hang it). Workers each
+        # bind the same port; the kernel spreads new connections over them.
         self._listener = await loop.create_server(
             server.protocol_factory, self.settings.host, self.settings.port, backlog=4096,
             reuse_port=self.group is not None or None,
         )
+        jobs = (subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
+                server.lag_probes(), server.probe.run())
+        self._tasks = [asyncio.create_task(job) for job in jobs]
         port: int = self._listener.sockets[0].getsockname()[1]
         extra: dict[str, object] = {"host": self.settings.host, "port": port}
         if self.group is not None:

@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -222,3 +225,23 @@ async def test_a_killed_workers_slots_are_freed_as_soon_as_it_is_replaced(cluste
     for ws, pid in held:
         if pid != victim:
             await ws.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_edge_that_cannot_listen_exits_1_with_one_clear_line(redis_url: str, workers: str) -> None:
+    with socket.socket() as taken:  # a plain listener: SO_REUSEPORT cannot share its port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FXPROXY_")}
+        env.update(FXPROXY_REDIS_URL=redis_url, FXPROXY_API_KEYS=API_KEY, FXPROXY_LOG_FORMAT="json")
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "fxproxy", "edge", "--workers", workers, "--host",
+                              "127.0.0.1", "--port", str(port)], env=env, capture_output=True,
+                             text=True, timeout=60)
+        took = time.monotonic() - started
+    plain = [line for line in out.stderr.splitlines() if line.startswith("fxproxy edge: ")]
+    print(f"edge --workers {workers} on a taken port exited {out.returncode} after {took:.2f} s")
+    assert out.returncode == 1 and took < 10
+    assert plain and "address already in use" in plain[0]
+    assert "edge worker restarted" not in out.stderr
