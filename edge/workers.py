@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from edge.workgroup import WorkerGroup, forget_worker, prepare_state_dir
+from edge.workgroup import WorkerGroup, forget_worker, hold, leave, prepare_state_dir
 from shared.settings import EdgeSettings
 
 log = logging.getLogger("fxproxy.edge")
@@ -78,6 +78,7 @@ class Supervisor:
         self.state_dir = Path()
         self.pid = os.getpid()
         self.restarts = 0
+        self._lock = -1  # the supervisor's hold on the run directory
         self._restarts_metric: Callable[[], None] = lambda: None
 
     def run(self) -> int:
@@ -85,6 +86,7 @@ class Supervisor:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         self.state_dir = Path(tempfile.mkdtemp(prefix="fxproxy-edge-"))
         try:
+            self._lock = hold(self.state_dir)
             prepare_state_dir(self.state_dir)
             from prometheus_client import Counter  # after prepare_state_dir: multiprocess values
 
@@ -97,6 +99,8 @@ class Supervisor:
             return self._supervise()
         finally:
             self._kill_all()
+            if self._lock >= 0:
+                os.close(self._lock)
             shutil.rmtree(self.state_dir, ignore_errors=True)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
@@ -175,6 +179,8 @@ class Supervisor:
 
     def _child(self, settings: EdgeSettings, group: WorkerGroup) -> NoReturn:
         code = 1
+        os.close(self._lock)  # the supervisor's: its lock must end with the supervisor
+        lock = hold(self.state_dir)
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -194,6 +200,7 @@ class Supervisor:
                       file=sys.stderr)
         finally:
             with contextlib.suppress(Exception):
+                leave(self.state_dir, lock)
                 logging.shutdown()
                 sys.stdout.flush()
                 sys.stderr.flush()

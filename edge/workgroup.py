@@ -9,7 +9,9 @@ scrape of the shared port (SO_REUSEPORT picks one at random), so each answers fo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,30 @@ def metrics_dir(state_dir: Path) -> Path:
 
 def ready_file(state_dir: Path, index: int) -> Path:
     return state_dir / "ready" / str(index)
+
+
+def hold(state_dir: Path) -> int:
+    """A shared lock on the run directory, held for a process's life: the fd.
+
+    The supervisor and every worker hold one; whoever leaves last (see `leave`) removes
+    the directory, so it goes even when the supervisor was killed with -9.
+    """
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def leave(state_dir: Path, fd: int) -> None:
+    """Let go of the run directory; remove it if no other process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # the supervisor or another worker still runs: it cleans up
+        shutil.rmtree(state_dir, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def prepare_state_dir(state_dir: Path) -> None:

@@ -17,7 +17,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
+import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -39,6 +41,14 @@ def readyz(port: int) -> int:
         return exc.code
     except OSError:
         return 0  # nothing accepted the connection
+
+
+def state_dir(proc: Proc) -> Path:
+    """The run directory the supervisor logged at its start."""
+    for line in proc.log.splitlines():
+        if line.startswith("{") and "edge supervisor starting" in line:
+            return Path(orjson.loads(line)["state_dir"])
+    raise AssertionError("no supervisor start in the log")
 
 
 def two_workers(cluster: Cluster, **env: str) -> tuple[Proc, int, set[int]]:
@@ -124,6 +134,8 @@ async def test_sigterm_drains_every_worker_with_1001_and_leaves_no_process(clust
     proc, port, pids = two_workers(cluster, FXPROXY_DRAIN_TIMEOUT="1")
     clients = await connect_many(port, 12, pids, on_every_worker=True)
     assert {pid for _, pid in clients} == pids
+    run_dir = state_dir(proc)
+    assert run_dir.is_dir()
     started = time.monotonic()
     proc.proc.send_signal(signal.SIGTERM)
     codes = [await closed_code(ws) for ws, _ in clients]
@@ -134,6 +146,7 @@ async def test_sigterm_drains_every_worker_with_1001_and_leaves_no_process(clust
     assert code == 0
     assert took < 1 + 5
     assert not any(alive(pid) for pid in pids) and children(proc.proc.pid) == set()
+    assert not run_dir.exists()
 
 
 async def test_readyz_is_503_while_one_worker_drains(cluster: Cluster) -> None:
@@ -186,6 +199,7 @@ async def test_a_keys_connection_limit_is_exact_whichever_worker_takes_the_conne
 async def test_workers_drain_and_exit_when_the_supervisor_is_killed(cluster: Cluster) -> None:
     proc, port, pids = two_workers(cluster, FXPROXY_DRAIN_TIMEOUT="1")
     clients = await connect_many(port, 6, pids, on_every_worker=True)
+    run_dir = state_dir(proc)
     killed_at = time.monotonic()
     proc.kill()  # SIGKILL: no drain by the supervisor; PR_SET_PDEATHSIG tells the workers
     codes = [await closed_code(ws) for ws, _ in clients]
@@ -196,6 +210,7 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(cluster: Clu
     print(f"workers gone {took:.2f} s after kill -9 of the supervisor (drain timeout 1 s)")
     assert codes == [1001] * len(clients)
     assert took < 1 + 5
+    assert not run_dir.exists(), "the last worker out did not remove the run directory"
 
 
 async def test_a_killed_workers_slots_are_freed_as_soon_as_it_is_replaced(cluster: Cluster) -> None:
