@@ -17,9 +17,15 @@ Usage::
     .venv/bin/python bench/fanout.py [--clients 1000] [--rate 100] [--symbols 10]
         [--duration 20] [--warmup 5] [--slow-fraction 0] [--write-delay-ms 0]
         [--compare | --servers edge,naive,broadcast,node] [--repeat 1] [--cpu 1] [--json]
+        [--workers N | --workers-compare 1,2]
 
 Every client subscribes to every symbol, so the offered load is
 ``rate x connected normal clients`` deliveries per second.
+
+``--workers N`` runs the edge as ``fxproxy edge --workers N`` (a supervisor and N forked
+workers, all pinned to ``--cpu`` as one edge is); ``--workers-compare 1,2`` runs it once per
+count, side by side. The edge's CPU is then summed over all its processes, and each worker's
+own CPU per delivery is shown too (its clients' share of the deliveries).
 """
 
 from __future__ import annotations
@@ -129,6 +135,8 @@ class ServerSpec:
     """Prometheus metric-name prefix scraped from GET /metrics at the window's end."""
     loadclient_args: tuple[str, ...] = ()
     """Extra load-client arguments (e.g. --max-rate: the same server, throttled clients)."""
+    workers: int = 1
+    """Edge worker processes (FXPROXY_WORKERS): CPU is summed over the process tree."""
 
 
 def edge_argv(ctx: Ctx) -> list[str]:
@@ -155,10 +163,21 @@ def edge_env(ctx: Ctx) -> dict[str, str]:
     }
     if ctx.args.write_delay_ms:
         env["FXPROXY_WRITE_DELAY"] = str(ctx.args.write_delay_ms / 1000.0)
+    if ctx.args.workers != 1:
+        env["FXPROXY_WORKERS"] = str(ctx.args.workers)
     for item in ctx.args.edge_env:
         key, _, value = item.partition("=")
         env[key] = value
     return env
+
+
+def edge_with_workers(n: int) -> ServerSpec:
+    """The edge as `fxproxy edge --workers n`."""
+
+    def env(ctx: Ctx) -> dict[str, str]:
+        return {**edge_env(ctx), "FXPROXY_WORKERS": str(n)}
+
+    return ServerSpec(f"edge-w{n}", edge_argv, env, edge_available, "fxproxy_edge_", workers=n)
 
 
 def edge_available() -> str | None:
@@ -280,6 +299,22 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     raise RuntimeError(f"port {port} did not accept connections within {timeout:.0f}s")
 
 
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until GET /readyz answers 200 (a multi-core edge: every worker ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"/readyz on port {port} did not answer 200 within {timeout:.0f}s")
+
+
 def redis_ping(port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -305,6 +340,47 @@ def cpu_seconds(pid: int, kernel_only: bool = False) -> float | None:
         return None
     rest = data.rsplit(")", 1)[1].split()
     return (int(rest[12]) + (0 if kernel_only else int(rest[11]))) / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (an edge's supervisor and workers), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
+def tree_sum(values: list[float | int | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def established(pid: int, port: int) -> int:
+    """TCP connections process `pid` holds whose local port is `port` (a worker's clients)."""
+    inodes: set[str] = set()
+    try:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{f[9]}]")
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    n = 0
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+    return n
 
 
 def rss_kb(pid: int) -> int | None:
@@ -447,6 +523,9 @@ class Sample:
     redis_cpu: float | None
     publisher_cpu: float | None
     cores: dict[int, tuple[int, int]]
+    worker_cpu: dict[int, float] = field(default_factory=dict)
+    """CPU seconds per worker pid (children of an edge supervisor)."""
+    worker_clients: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -553,8 +632,10 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
             wait_port(port, server, args.start_timeout)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- {server_log} ---\n{tail(server_log)}") from None
+        if spec.workers > 1:  # every worker listening and subscribed, not just the first
+            wait_ready(port, server, args.start_timeout)
         time.sleep(1.0)
-        rss_before = rss_kb(server.pid)
+        rss_before = tree_sum([rss_kb(p) for p in process_tree(server.pid)])
 
         # 3. load client
         samples: dict[str, Sample] = {}
@@ -563,15 +644,19 @@ def run_one(spec: ServerSpec, run_no: int, args: argparse.Namespace, loadclient:
         pids: dict[str, int] = {}
 
         def sample(name: str) -> None:
+            tree = process_tree(server.pid)
+            workers = [p for p in tree if p != server.pid] if spec.workers > 1 else []
             samples[name] = Sample(
                 t=time.monotonic(),
-                server_cpu=cpu_seconds(server.pid),
-                server_sys=cpu_seconds(server.pid, kernel_only=True),
-                server_rss=rss_kb(server.pid),
+                server_cpu=tree_sum([cpu_seconds(p) for p in tree]),
+                server_sys=tree_sum([cpu_seconds(p, kernel_only=True) for p in tree]),
+                server_rss=int(r) if (r := tree_sum([rss_kb(p) for p in tree])) is not None else None,
                 client_cpu=cpu_seconds(pids["loadclient"]) if "loadclient" in pids else None,
                 redis_cpu=cpu_seconds(redis_proc.pid),
                 publisher_cpu=cpu_seconds(pids["publisher"]) if "publisher" in pids else None,
                 cores=core_times(),
+                worker_cpu={p: c for p in workers if (c := cpu_seconds(p)) is not None},
+                worker_clients={p: established(p, port) for p in workers},
             )
 
         def on_event(ev: dict[str, Any]) -> None:
@@ -745,6 +830,9 @@ def compute_metrics(
         m["loadgen_core_busy_pct"] = core_busy(start, end, other_cores)
         m["rss_start_kb"] = start.server_rss
         m["rss_end_kb"] = end.server_rss
+        m["cpu_us_per_delivery_per_worker"] = m["cpu_us_per_delivery"]
+        if end.worker_cpu and received and wall > 0:
+            m.update(per_worker(start, end, received, wall))
     ready = samples.get("ready")
     connected = int(client.get("connected", 0))
     m["rss_before_kb"] = rss_before
@@ -760,6 +848,28 @@ def compute_metrics(
     m["slow_closed"] = drain.get("closed", 0) + client.get("slow_disconnects", 0)
     m["slow_close_codes"] = drain.get("close_codes", {})
     return m
+
+
+def per_worker(start: Sample, end: Sample, received: int, wall: float) -> dict[str, Any]:
+    """Each worker's CPU per delivery: its CPU in the window over its clients' share of the
+    deliveries (every client gets every symbol, so deliveries follow the client count)."""
+    clients = sum(end.worker_clients.values())
+    rows = []
+    for pid in sorted(end.worker_cpu):
+        if pid not in start.worker_cpu:
+            continue  # restarted in the window
+        cpu = end.worker_cpu[pid] - start.worker_cpu[pid]
+        n = end.worker_clients.get(pid, 0)
+        share = received * n / clients if clients else 0
+        rows.append({
+            "pid": pid, "clients": n, "cpu_pct": round(100 * cpu / wall, 1),
+            "cpu_us_per_delivery": round(cpu * 1e6 / share, 3) if share else None,
+        })
+    figures = [r["cpu_us_per_delivery"] for r in rows if r["cpu_us_per_delivery"] is not None]
+    return {
+        "workers": rows,
+        "cpu_us_per_delivery_per_worker": round(statistics.mean(figures), 3) if figures else None,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -795,14 +905,20 @@ def fmt(value: Any, spec: str) -> str:
         return str(value)
 
 
+WORKER_COLUMNS: list[tuple[str, str, str]] = [
+    ("µs/deliv/worker", "cpu_us_per_delivery_per_worker", "{:.2f}"),
+]
+
 SLOW_COLUMNS: list[tuple[str, str, str]] = [
     ("slow closed", "slow_closed", "{:d}"),
     ("slow codes", "slow_close_codes", "{}"),
 ]
 
 
-def print_table(rows: list[tuple[str, dict[str, Any]]], title: str, slow: bool = False) -> None:
-    cols = COLUMNS + SLOW_COLUMNS if slow else COLUMNS
+def print_table(rows: list[tuple[str, dict[str, Any]]], title: str, slow: bool = False,
+                workers: bool = False) -> None:
+    cols = COLUMNS[:3] + WORKER_COLUMNS + COLUMNS[3:] if workers else COLUMNS
+    cols = cols + SLOW_COLUMNS if slow else cols
     headers = ["server", *(c[0] for c in cols)]
     body = [[name, *(fmt(m.get(key), f) for _, key, f in cols)] for name, m in rows]
     widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
@@ -856,6 +972,10 @@ def describe(args: argparse.Namespace) -> str:
     )
     if args.write_delay_ms:
         text += f", edge write delay {args.write_delay_ms:g} ms"
+    if args.workers_compare:
+        text += f", edge workers {args.workers_compare} (all on the server CPU)"
+    elif args.workers > 1:
+        text += f", edge workers {args.workers} (all on the server CPU)"
     return text
 
 
@@ -920,6 +1040,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="GIT_REF",
         help="also run the edge as it was at this git ref (a worktree in bench/.build), e.g. HEAD~5",
     )
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="edge worker processes (FXPROXY_WORKERS: N or auto), all pinned to --cpu (default 1)",
+    )
+    p.add_argument(
+        "--workers-compare",
+        default="",
+        metavar="N,M",
+        help="run the edge once per worker count, side by side (e.g. 1,2); replaces the plain edge",
+    )
     p.add_argument("--json", action="store_true", help="print results as JSON instead of tables")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -929,11 +1060,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         servers = list(ALL_SERVERS)
     else:
         servers = ["edge"]
+    try:
+        args.workers = len(os.sched_getaffinity(0)) if args.workers == "auto" else int(args.workers)
+        compare = [int(n) for n in args.workers_compare.split(",") if n.strip()]
+    except ValueError:
+        p.error("--workers takes a number or auto, --workers-compare numbers like 1,2")
+    if args.workers < 1 or any(n < 1 for n in compare):
+        p.error("worker counts must be 1 or more")
+    if compare:
+        at = servers.index("edge") if "edge" in servers else len(servers)
+        specs = [edge_with_workers(n) for n in compare]
+        servers[at : at + ("edge" in servers)] = [spec.name for spec in specs]
+        SERVERS.update({spec.name: spec for spec in specs})
+    elif args.workers > 1:
+        SERVERS["edge"] = edge_with_workers(args.workers)
+        SERVERS["edge"].name = "edge"
     if args.max_rate:
         spec = SERVERS["edge"]
         name = f"edge max_rate={args.max_rate:g}"
         SERVERS[name] = ServerSpec(name, spec.argv, spec.env, spec.available, spec.metrics_prefix,
-                                   ("--max-rate", str(args.max_rate)))
+                                   ("--max-rate", str(args.max_rate)), spec.workers)
         servers.append(name)
     for ref in args.baseline_ref:
         spec = baseline_edge(ref)
@@ -1011,6 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
                 "slow_fraction": args.slow_fraction,
                 "write_delay_ms": args.write_delay_ms,
                 "server_cpu": args.cpu,
+                "edge_workers": args.workers_compare or args.workers,
                 "repeat": args.repeat,
             },
             "runs": [
@@ -1039,9 +1186,15 @@ def main(argv: list[str] | None = None) -> int:
         print()
         slow = args.slow_fraction > 0
         rows = [(f"{r.server}#{r.run}", r.metrics) for r in results if r.ok]
-        print_table(rows, "runs:", slow)
+        workers = any(SERVERS[r.server].workers > 1 for r in results)
+        print_table(rows, "runs:", slow, workers)
         if args.repeat > 1 and summary:
-            print_table(list(summary.items()), "median per server:", slow)
+            print_table(list(summary.items()), "median per server:", slow, workers)
+        for r in results:
+            for w in r.metrics.get("workers", []):
+                print(f"{r.server}#{r.run} worker pid {w['pid']}: {w['clients']} clients, "
+                      f"CPU {fmt(w['cpu_pct'], '{:.0f}')}%, "
+                      f"{fmt(w['cpu_us_per_delivery'], '{:.2f}')} CPU µs/delivery")
         for r in results:
             if not r.ok:
                 print(f"{r.server}#{r.run}: FAILED: {r.error}")

@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 
 from edge.auth import Authenticator
 from edge.server import EdgeServer
+from edge.workgroup import WorkerGroup
 from shared.bus import Bus
 from shared.demand import DemandStore
 from shared.keystore import KeyStore
@@ -20,9 +21,15 @@ log = logging.getLogger("fxproxy.edge")
 
 class EdgeApp:
     def __init__(self, settings: EdgeSettings, bus: Bus, keystore: KeyStore | None,
-                 demand: DemandStore | None = None) -> None:
+                 demand: DemandStore | None = None, group: WorkerGroup | None = None) -> None:
         self.settings = settings
         self.server = EdgeServer(settings, bus, Authenticator(keystore, settings.api_keys), demand)
+        self.group = group
+        if group is not None:  # one of several workers: answer /readyz and /metrics for all
+            server = self.server
+            server.on_ready = group.set_ready
+            server.readyz = lambda: server.ready() and group.all_ready()
+            server.metrics_page = group.render_metrics
         self._listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -31,18 +38,41 @@ class EdgeApp:
         server = self.server
         subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
         server.hub.subscriber = subscriber
+        if self.group is not None and self.group.predecessor:
+            await self._forget(self.group.predecessor)
+        loop = asyncio.get_running_loop()
+        # Bound before any background task exists, so a port in use fails the start at once
+        # (tasks cancelled mid-connect by the runner's teardown could hang it). Workers each
+        # bind the same port; the kernel spreads new connections over them.
+        self._listener = await loop.create_server(
+            server.protocol_factory, self.settings.host, self.settings.port, backlog=4096,
+            reuse_port=self.group is not None or None,
+        )
         jobs = [subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
                 server.lag_probes(), server.probe.run()]
         if server.demand is not None:
             jobs.append(server.demand.run())
         self._tasks = [asyncio.create_task(job) for job in jobs]
-        loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(
-            server.protocol_factory, self.settings.host, self.settings.port, backlog=4096
-        )
         port: int = self._listener.sockets[0].getsockname()[1]
-        log.info("edge listening", extra={"host": self.settings.host, "port": port})
+        extra: dict[str, object] = {"host": self.settings.host, "port": port}
+        if self.group is not None:
+            self.group.listening = True
+            extra.update(worker=self.group.worker_id, edge_id=server.edge_id)
+        log.info("edge listening", extra=extra)
         return port
+
+    async def _forget(self, edge_id: str) -> None:
+        """Free the connection slots of the dead worker this one replaces."""
+        store = self.server.auth.store
+        if store is None:
+            return
+        try:
+            async with asyncio.timeout(2):  # never hold up the start for it
+                await store.forget_edge(edge_id)
+        except (RedisError, OSError, TimeoutError) as exc:  # they free themselves after 3 heartbeats
+            log.warning("could not free a dead worker's slots", extra={"error": str(exc)})
+            return
+        log.info("freed a dead worker's slots", extra={"edge_id": edge_id})
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
@@ -63,9 +93,9 @@ class EdgeApp:
 
 async def run_edge(
     settings: EdgeSettings, bus: Bus, keystore: KeyStore | None, stop: asyncio.Event,
-    demand: DemandStore | None = None,
+    demand: DemandStore | None = None, group: WorkerGroup | None = None,
 ) -> None:
-    app = EdgeApp(settings, bus, keystore, demand)
+    app = EdgeApp(settings, bus, keystore, demand, group)
     await app.start()
     await stop.wait()
     await app.stop()

@@ -417,7 +417,7 @@ class Connection(asyncio.Protocol):
             return
         self._end_handshake()
         self._rx.clear()  # one request per connection: pipelined bytes are dropped
-        self.ws.send_response(endpoint_response(path, self.server.ready))
+        self.ws.send_response(endpoint_response(path, self.server.readyz, self.server.metrics_page))
 
     def reject(self, status: int, reason: str, message: str) -> None:
         metrics.HANDSHAKES_REJECTED.labels(reason).inc()

@@ -93,7 +93,8 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
 _STATIC = _load_static()
 
 
-def endpoint_response(path: str, ready: Callable[[], bool]) -> Response:
+def endpoint_response(path: str, ready: Callable[[], bool],
+                      metrics: Callable[[], tuple[bytes, str]] = render_metrics) -> Response:
     """The plain HTTP endpoints beside the WebSocket ones: /healthz, /readyz, /metrics,
     and the browser page (/, /client.js, /app.js, /app.css)."""
     static = _STATIC.get(path)
@@ -106,6 +107,6 @@ def endpoint_response(path: str, ready: Callable[[], bool]) -> Response:
         ok = ready()
         return http_response(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
     if path == "/metrics":
-        body, ctype = render_metrics()
+        body, ctype = metrics()
         return http_response(200, body, ctype)
     return http_response(404, b"not found\n")

@@ -1,12 +1,18 @@
-"""Prometheus metrics of the edge. Counted per message or event, never per delivery."""
+"""Prometheus metrics of the edge. Counted per message or event, never per delivery.
+
+Gauges name how a multi-core edge's workers add up (prometheus-client multiprocess mode,
+see edge/workgroup.py); a single process ignores it.
+"""
 
 from prometheus_client import Counter, Gauge, Histogram
 
-CONNECTIONS = Gauge("fxproxy_edge_connections", "Open client WebSocket connections")
+CONNECTIONS = Gauge("fxproxy_edge_connections", "Open client WebSocket connections",
+                    multiprocess_mode="livesum")
 HANDSHAKES_REJECTED = Counter(
     "fxproxy_edge_handshakes_rejected", "Handshakes refused, by reason", ["reason"]
 )
-HANDSHAKES_PENDING = Gauge("fxproxy_edge_handshakes_pending", "TCP connections not yet upgraded")
+HANDSHAKES_PENDING = Gauge("fxproxy_edge_handshakes_pending", "TCP connections not yet upgraded",
+                           multiprocess_mode="livesum")
 MESSAGES = Counter("fxproxy_edge_bus_messages", "Tick messages received from the bus")
 DELIVERIES = Counter("fxproxy_edge_deliveries", "Tick frames queued to clients")
 DUPLICATES = Counter("fxproxy_edge_duplicate_ticks", "Ticks dropped as already forwarded (seq)")
@@ -27,5 +33,9 @@ CLIENT_LAG = Histogram(
 )
 CLOSED = Counter("fxproxy_edge_closed", "Connections closed, by close code sent (1006: none)", ["code"])
 ERRORS = Counter("fxproxy_edge_client_errors", "Error frames sent, by code", ["code"])
-BUS_UP = Gauge("fxproxy_edge_bus_connected", "1 while the bus subscriber is connected and Redis answers")
-SUBSCRIBED_SYMBOLS = Gauge("fxproxy_edge_bus_symbols", "Symbols this edge is subscribed to")
+# Workers: 1 only while every live worker's subscriber is up; symbols summed, as each worker
+# holds its own subscriptions (the load on Redis).
+BUS_UP = Gauge("fxproxy_edge_bus_connected", "1 while the bus subscriber is connected and Redis answers",
+               multiprocess_mode="livemin")
+SUBSCRIBED_SYMBOLS = Gauge("fxproxy_edge_bus_symbols", "Symbols this edge is subscribed to",
+                           multiprocess_mode="livesum")

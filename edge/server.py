@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -22,6 +22,7 @@ from edge.writer import Flusher
 from shared.bus import Bus
 from shared.bus_probe import BusProbe
 from shared.demand import DemandStore, SymbolStatus, parse_symbol_status
+from shared.metrics import render_metrics
 from shared.settings import EdgeSettings
 
 log = logging.getLogger("fxproxy.edge")
@@ -54,12 +55,19 @@ class EdgeServer:
             self.demand = EdgeDemand(demand, self.edge_id, self.hub.symbols,
                                      3 * settings.heartbeat_interval)
             self.hub.on_symbols = self.demand.changed
+        # What /readyz and /metrics answer, and who hears of readiness changes: this process
+        # alone, unless a worker group (edge/workgroup.py) answers for all its workers.
+        self.readyz: Callable[[], bool] = self.ready
+        self.metrics_page: Callable[[], tuple[bytes, str]] = render_metrics
+        self.on_ready: Callable[[bool], None] | None = None
 
     def ready(self) -> bool:
         return self.subscribed and self.probe.ok and not self.draining
 
     def _update_ready(self) -> None:
         metrics.BUS_UP.set(1 if self.subscribed and self.probe.ok else 0)
+        if self.on_ready is not None:
+            self.on_ready(self.ready())
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a background task and keep a reference until it ends."""
@@ -222,6 +230,7 @@ class EdgeServer:
     async def drain(self, timeout: float) -> None:
         """Refuse new clients, then close existing ones with 1001 spread over `timeout`."""
         self.draining = True
+        self._update_ready()
         conns = [c for c in self.connections if c.upgraded]
         log.info("draining", extra={"connections": len(conns), "timeout_s": timeout})
         if conns:

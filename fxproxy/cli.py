@@ -25,6 +25,7 @@ from shared.settings import (
 )
 
 if TYPE_CHECKING:
+    from edge.workgroup import WorkerGroup
     from fxproxy.simfeed import SimFeed
     from fxproxy.simkabu import SimKabu
 
@@ -57,7 +58,7 @@ def _bus_for(settings: CommonSettings, history_len: int = 1000) -> RedisBus:
     return RedisBus.from_url(settings.redis_url, Names(settings.prefix), history_len)
 
 
-async def _edge(settings: EdgeSettings) -> int:
+async def _edge(settings: EdgeSettings, group: WorkerGroup | None = None) -> int:
     from edge.app import run_edge
     from shared.demand import RedisDemandStore
     from shared.keystore import RedisKeyStore
@@ -65,10 +66,19 @@ async def _edge(settings: EdgeSettings) -> int:
     bus = _bus_for(settings)
     try:
         await run_edge(settings, bus, RedisKeyStore(bus.client, bus.names), _stop_on_signals(),
-                       RedisDemandStore(bus.client, bus.names))
+                       RedisDemandStore(bus.client, bus.names), group)
     finally:
         await bus.close()
     return 0
+
+
+def _edge_main(settings: EdgeSettings) -> int:
+    """One process, or a supervisor of `--workers N` forked ones sharing the port."""
+    if settings.workers == 1:
+        return _run(_edge(settings))
+    from edge.workers import Supervisor
+
+    return Supervisor(settings, lambda worker, group: _run(_edge(worker, group))).run()
 
 
 async def _ingestor(settings: IngestorSettings) -> int:
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(model, args)
         setup_logging(settings.log_level, settings.log_format)
         if isinstance(settings, EdgeSettings):
-            return _run(_edge(settings))
+            return _edge_main(settings)
         if isinstance(settings, IngestorSettings):
             return _run(_ingestor(settings))
         if isinstance(settings, SimfeedSettings):

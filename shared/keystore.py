@@ -169,6 +169,10 @@ class KeyStore(Protocol):
         """Mark this edge alive for `ttl` seconds; slots held by dead edges stop counting."""
         ...
 
+    async def forget_edge(self, edge_id: str) -> None:
+        """Count an edge known to be dead as dead now, not when its heartbeat expires."""
+        ...
+
 
 class MemoryKeyStore:
     """One process's keys; every edge sharing it counts as alive (no heartbeats needed)."""
@@ -239,6 +243,10 @@ class MemoryKeyStore:
 
     async def heartbeat(self, edge_id: str, ttl: float) -> None:
         return None
+
+    async def forget_edge(self, edge_id: str) -> None:
+        for edges in self.conns.values():
+            edges.pop(edge_id, None)
 
 
 # Counts live connections of a key across edges (KEYS[1] fx:conns:{hash}, KEYS[2] fx:edges;
@@ -349,3 +357,7 @@ class RedisKeyStore:
         pipe.zadd(self.names.edges, {edge_id: now + ttl})
         pipe.zremrangebyscore(self.names.edges, "-inf", now - 3600)  # long-dead edges
         await pipe.execute()
+
+    async def forget_edge(self, edge_id: str) -> None:
+        # Off the live list, its fields in fx:conns:* are dropped as the slot scripts meet them.
+        await self.client.zrem(self.names.edges, edge_id)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.keystore import SYMBOL_GLOB_RE
@@ -38,6 +39,16 @@ class CommonSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="json: one object a line; console: readable; auto: console on a TTY"
     )
+
+
+def parse_workers(value: Any) -> int:
+    """FXPROXY_WORKERS: a positive number, or 'auto' for the CPUs this process may run on."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"bad workers {text[:20]!r}: use a number of processes (1 or more) or 'auto'")
+    return int(text)
 
 
 class EdgeSettings(CommonSettings):
@@ -97,11 +108,28 @@ class EdgeSettings(CommonSettings):
     max_handshake_bytes: int = Field(
         16384, ge=1024, description="Largest HTTP upgrade request (request line and headers) in bytes"
     )
+    workers: int = Field(
+        1, description="Processes sharing the port (SO_REUSEPORT) under a supervisor; 'auto' = one "
+        "per CPU; 1 = a single process, no supervisor"
+    )
 
     @field_validator("api_keys", "allowed_origins", "trusted_proxies", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        return parse_workers(value)
+
+    @field_validator("workers")
+    @classmethod
+    def _one_port_for_all_workers(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and info.data.get("port") == 0:
+            # Each worker binds on its own: with port 0 the kernel would give each a different one.
+            raise ValueError("port 0 (any) needs workers 1: give the port the workers share")
+        return value
 
     def resolved_edge_id(self) -> str:
         return self.edge_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
