@@ -70,6 +70,13 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:self.primaries])
 
     def start(self) -> None:
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self) -> None:
         for port in self.ports:
             self._start_node(port)
         for port in self.ports:
@@ -88,7 +95,8 @@ class RedisCluster:
         node_dir.mkdir(exist_ok=True)
         self.procs[port] = subprocess.Popen(
             [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--cluster-enabled", "yes", "--cluster-port", str(self.bus_ports[port]), "--cluster-config-file", str(node_dir / "nodes.conf"),
+             "--cluster-enabled", "yes", "--cluster-port", str(self.bus_ports[port]),
+             "--cluster-config-file", str(node_dir / "nodes.conf"),
              "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(node_dir),
              "--logfile", str(node_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

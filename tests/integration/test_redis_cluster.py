@@ -1,0 +1,141 @@
+"""The whole pipeline on a real Redis Cluster (3 primaries + 3 replicas), through the CLI:
+sharded pub/sub end to end, keys and slots in the {meta} slot, and a primary killed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from fxproxy.simfeed import PAIRS
+from shared.names import Names
+from tests.conftest import API_KEY, Cluster, StartProc
+from tests.integration.test_keys_cluster import create_key, keys_cli
+from tests.support.bus_rig import BusRig
+from tests.support.client import assert_no_gaps, live_ticks, open_native, recv_json, send_json, until
+from tests.support.redis_cluster import RedisCluster
+
+pytestmark = pytest.mark.integration
+
+NAMES = Names(cluster=True)
+
+
+def spread(cluster: RedisCluster, per_shard: int) -> dict[int, list[str]]:
+    """`per_shard` simfeed symbols on each primary, by the slot of their tick channel."""
+    by_owner: dict[int, list[str]] = {}
+    for symbol in PAIRS:
+        by_owner.setdefault(cluster.owner(NAMES.tick_channel(symbol)), []).append(symbol)
+    assert len(by_owner) == 3, f"the simfeed's symbols cover only {len(by_owner)} shards"
+    return {port: symbols[:per_shard] for port, symbols in by_owner.items()}
+
+
+async def test_ticks_flow_over_all_three_shards_in_both_dialects(
+        procs: StartProc, redis_cluster: RedisCluster, redis_cluster_url: str) -> None:
+    shards = spread(redis_cluster, 1)
+    symbols = [s for group in shards.values() for s in group]
+    for symbol in symbols:  # channel, history and last value of a symbol share its slot
+        slots = {redis_cluster.keyslot(k) for k in
+                 (NAMES.tick_channel(symbol), NAMES.history(symbol), NAMES.last_value(symbol))}
+        assert len(slots) == 1
+    cluster = Cluster(procs, redis_cluster_url)
+    cluster.simfeed(rate=20)
+    cluster.ingestor(",".join(symbols))
+    _, port = cluster.edge()
+    async with await open_native(port, API_KEY) as ws:
+        for _ in range(50):  # until the ingestor has published every symbol once
+            await send_json(ws, {"op": "subscribe", "symbols": symbols, "id": 1})
+            reply = await until(ws, lambda m: m.get("type") in ("subscribed", "error"), timeout=10)
+            if reply["type"] == "subscribed":
+                break
+            await asyncio.sleep(0.2)
+        assert reply["type"] == "subscribed" and reply["symbols"] == symbols
+        ticks = await live_ticks(ws, 30)
+    assert {t["symbol"] for t in ticks} == set(symbols)
+    assert_no_gaps(ticks)
+    async with connect(f"ws://127.0.0.1:{port}/feedadv", open_timeout=5) as tm:
+        assert await asyncio.wait_for(tm.recv(), 5) == "Connected"
+        await tm.send(orjson.dumps({"userKey": API_KEY, "symbol": ",".join(symbols)}).decode())
+        got = [orjson.loads(await asyncio.wait_for(tm.recv(), 5)) for _ in range(15)]
+    assert {t["symbol"] for t in got} == set(symbols)
+    assert all(set(t) == {"symbol", "ts", "bid", "ask", "mid"} for t in got)
+    owners = {redis_cluster.owner(NAMES.history(s)) for s in symbols}
+    print(f"\nsymbols by shard: {shards}")
+    assert len(owners) == 3
+
+
+async def test_keys_limits_and_revocation_work_on_a_cluster(
+        procs: StartProc, redis_cluster: RedisCluster, redis_cluster_url: str) -> None:
+    url = redis_cluster_url
+    key = create_key(url, "carol", "--max-connections", "2")
+    assert "carol" in keys_cli(url, "list").stdout
+    cluster = Cluster(procs, url)
+    _, port1 = cluster.edge(FXPROXY_HEARTBEAT_INTERVAL="0.3")
+    _, port2 = cluster.edge(FXPROXY_HEARTBEAT_INTERVAL="0.3")
+    conns = [await open_native(port1, key), await open_native(port2, key)]
+    with pytest.raises(InvalidStatus) as info:  # the limit counts across both edges
+        await open_native(port1, key)
+    assert info.value.response.status_code == 429
+    for ws in conns:
+        await send_json(ws, {"op": "ping"})
+        await recv_json(ws)
+    # Keys, slots and edges live in one slot, the one the keystore's scripts need.
+    meta = {redis_cluster.keyslot(k) for k in (NAMES.key_names, NAMES.edges, NAMES.connections("x"),
+                                                NAMES.key_record("x"), NAMES.leader, NAMES.epoch)}
+    assert len(meta) == 1
+    assert keys_cli(url, "revoke", "carol").returncode == 0
+    revoked_at = time.monotonic()
+
+    async def closed_code(ws: object) -> int | None:
+        with contextlib.suppress(ConnectionClosed):
+            await asyncio.wait_for(ws.wait_closed(), 3)  # type: ignore[attr-defined]
+        return ws.close_code  # type: ignore[attr-defined, no-any-return]
+
+    codes = await asyncio.gather(*(closed_code(ws) for ws in conns))
+    took = time.monotonic() - revoked_at
+    print(f"\nrevocation over the control channel closed both edges' connections in {took:.2f}s")
+    assert codes == [4003, 4003]
+    assert took < 1.0
+
+
+def test_a_bad_cluster_url_fails_at_start_in_one_line(procs: StartProc) -> None:
+    proc = procs("edge", env={"FXPROXY_REDIS_URL": "redis+cluster://127.0.0.1:notaport"})
+    code = proc.proc.wait(15)
+    lines = [line for line in proc.log.splitlines() if line.strip()]
+    assert code == 2, proc.log
+    assert len(lines) == 1 and "bad FXPROXY_REDIS_URL" in lines[0], proc.log
+
+
+@pytest.mark.slow
+async def test_primary_killed_under_load_its_replica_takes_over_without_silent_gaps(
+        procs: StartProc) -> None:
+    own = RedisCluster(node_timeout_ms=1000)
+    own.start()
+    rig: BusRig | None = None
+    try:
+        meta_owner = own.owner(NAMES.leader)
+        shards = spread(own, 2)
+        # A primary holding subscribed symbols but not the lease: this measures the bus, not a
+        # leader change (test_leader.py and the chaos tests cover those).
+        victim = next(p for p in shards if p != meta_owner)
+        symbols = [s for group in shards.values() for s in group]
+        rig = BusRig(Cluster(procs, own.url), symbols)
+        await rig.start(rate=20)
+        fault_at = time.monotonic()
+        own.kill(victim)
+        failover = await asyncio.to_thread(own.wait_ok, 30)
+        result = await rig.measure(fault_at)
+        moved = own.owner(NAMES.tick_channel(shards[victim][0]))
+        print(f"\n{result.line('cluster primary kill -9')}; cluster ok again after {failover:.2f}s; "
+              f"{shards[victim]} moved from :{victim} to :{moved}")
+        assert moved != victim
+        assert result.silent_gaps == 0 and result.duplicates == 0, result.findings
+        assert result.flow < 15.0, result.findings
+    finally:
+        if rig is not None:
+            await rig.stop()
+        own.close()
