@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -13,12 +14,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fxproxy.simfeed import PAIRS
+from shared.bus import Message
+from shared.cluster_bus import ClusterBus
 from shared.names import Names
 from tests.conftest import API_KEY, Cluster, StartProc
 from tests.integration.test_keys_cluster import create_key, keys_cli
 from tests.support.bus_rig import BusRig
 from tests.support.client import assert_no_gaps, live_ticks, open_native, recv_json, send_json, until
-from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_cluster import RedisCluster, command
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +142,52 @@ async def test_primary_killed_under_load_its_replica_takes_over_without_silent_g
         if rig is not None:
             await rig.stop()
         own.close()
+
+
+async def test_subscriber_resubscribes_when_the_server_ends_its_sharded_subscription(
+        redis_cluster: RedisCluster, redis_cluster_url: str) -> None:
+    """A manual CLUSTER FAILOVER turns the symbol's primary into a replica, which pushes
+    `sunsubscribe`: the subscriber reports the loss, resubscribes on the new primary and ticks flow;
+    an unsubscribe of our own is not mistaken for one."""
+    symbols = [s for group in spread(redis_cluster, 1).values() for s in group]
+    bus = ClusterBus(redis_cluster_url)
+    states: list[bool] = []
+    got: dict[str, int] = {s: 0 for s in symbols}
+    subscriber = bus.subscriber(lambda s, _p: got.__setitem__(s, got[s] + 1), lambda _e: None,
+                                states.append)
+    await subscriber.subscribe(symbols)
+    reading = asyncio.create_task(subscriber.run())
+    seq = 0
+
+    async def publish_until(pred: Callable[[], bool], timeout: float) -> float:
+        nonlocal seq
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout and not pred():
+            seq += 1
+            await bus.publish([Message(s, seq, b'{"symbol":"%s","epoch":"e","seq":%d}' % (s.encode(), seq))
+                               for s in symbols])
+            await asyncio.sleep(0.02)
+        return time.monotonic() - t0
+
+    try:
+        await publish_until(lambda: all(got.values()), 10)
+        assert states == [True] and all(got.values())
+        await subscriber.unsubscribe(symbols[2:])
+        await publish_until(lambda: False, 0.3)
+        assert states == [True], "our own unsubscribe was taken for a loss"
+        old = redis_cluster.owner(NAMES.tick_channel(symbols[0]))
+        replica = redis_cluster.replica_of(old)
+        command(replica, "CLUSTER", "FAILOVER")
+        before = got[symbols[0]]
+        took = await publish_until(lambda: states[-1:] == [True] and len(states) >= 3
+                                   and got[symbols[0]] > before + 5, 20)
+        print(f"\nmanual failover :{old} -> :{replica}: subscriber states {states}, "
+              f"ticks flowing again after {took:.2f}s")
+        assert states[:3] == [True, False, True] and got[symbols[0]] > before + 5
+        assert took < 10.0
+        assert redis_cluster.owner(NAMES.tick_channel(symbols[0])) == replica
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await bus.close()

@@ -157,6 +157,15 @@ class RedisCluster:
                         return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise LookupError(f"no primary serves slot {slot}")
 
+    def replica_of(self, primary: int) -> int:
+        """The port of a live replica of the primary on port `primary`."""
+        nodes = [line.split() for line in command(primary, "CLUSTER", "NODES").splitlines()]
+        ids = {int(f[1].split("@")[0].rsplit(":", 1)[1]): f[0] for f in nodes if len(f) > 3}
+        for f in nodes:
+            if len(f) > 3 and "slave" in f[2] and "fail" not in f[2] and f[3] == ids[primary]:
+                return int(f[1].split("@")[0].rsplit(":", 1)[1])
+        raise LookupError(f"no live replica of :{primary}")
+
     def keyslot(self, key: str) -> int:
         return int(command(self.alive()[0], "CLUSTER", "KEYSLOT", key).strip().lstrip(":"))
 
