@@ -18,9 +18,25 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Mode = Literal["single", "cluster", "sentinel"]
+
+
+class ClusterUnavailable(RedisError):
+    """redis-py's cluster errors that are not RedisErrors (no reachable node, an uncovered slot),
+    so that every `except RedisError` that rides out a Redis outage rides out these too."""
+
+
+class _RedisCluster(RedisCluster):
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
 AnyRedis = Redis | RedisCluster
 
 _SCHEMES: dict[str, tuple[Mode, bool]] = {
@@ -137,7 +153,7 @@ def connect(url: str | RedisTarget, *, retries: int, socket_timeout: float | Non
     if target.mode == "cluster":
         from redis.asyncio.cluster import ClusterNode
 
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], ssl=target.tls,
+        return _RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], ssl=target.tls,
                             retry=retry, **auth, **options)
     # The sentinels themselves are asked with the same short timeouts; each new connection
     # asks them where the primary is now, which is how a failover is followed.

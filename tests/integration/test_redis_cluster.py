@@ -114,17 +114,18 @@ def test_a_bad_cluster_url_fails_at_start_in_one_line(procs: StartProc) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("holds", ["symbols", "symbols+lease"])
 async def test_primary_killed_under_load_its_replica_takes_over_without_silent_gaps(
-        procs: StartProc) -> None:
+        procs: StartProc, holds: str) -> None:
     own = RedisCluster(node_timeout_ms=1000)
     own.start()
     rig: BusRig | None = None
     try:
         meta_owner = own.owner(NAMES.leader)
         shards = spread(own, 2)
-        # A primary holding subscribed symbols but not the lease: this measures the bus, not a
-        # leader change (test_leader.py and the chaos tests cover those).
-        victim = next(p for p in shards if p != meta_owner)
+        # A primary holding subscribed symbols, with or without the lease's {meta} slot (then
+        # the lease, key store and control channel move too).
+        victim = meta_owner if holds == "symbols+lease" else next(p for p in shards if p != meta_owner)
         symbols = [s for group in shards.values() for s in group]
         rig = BusRig(Cluster(procs, own.url), symbols)
         await rig.start(rate=20)
@@ -133,8 +134,8 @@ async def test_primary_killed_under_load_its_replica_takes_over_without_silent_g
         failover = await asyncio.to_thread(own.wait_ok, 30)
         result = await rig.measure(fault_at)
         moved = own.owner(NAMES.tick_channel(shards[victim][0]))
-        print(f"\n{result.line('cluster primary kill -9')}; cluster ok again after {failover:.2f}s; "
-              f"{shards[victim]} moved from :{victim} to :{moved}")
+        print(f"\n{result.line(f'cluster primary kill -9 ({holds})')}; cluster ok again after "
+              f"{failover:.2f}s; {shards[victim]} moved from :{victim} to :{moved}")
         assert moved != victim
         assert result.silent_gaps == 0 and result.duplicates == 0, result.findings
         assert result.flow < 15.0, result.findings

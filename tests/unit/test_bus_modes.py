@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 
 from shared.cluster_bus import term_of
 from shared.names import Names
@@ -59,6 +60,15 @@ async def test_each_mode_gets_its_own_client_class() -> None:
     assert single.get_retry() is not None and single.get_retry().get_retries() == 0
     for client in (single, cluster, sentinel):
         await client.aclose()
+
+
+async def test_an_unreachable_cluster_is_a_redis_error_like_any_outage() -> None:
+    # redis-py raises RedisClusterException (not a RedisError) when no node answers; every
+    # `except RedisError` that rides out an outage must see this one too.
+    client = connect("redis+cluster://127.0.0.1:1", retries=0, socket_timeout=1, connect_timeout=1)
+    with pytest.raises(RedisError):
+        await client.ping()
+    await client.aclose()
 
 
 def test_single_mode_keeps_todays_names() -> None:
