@@ -3,8 +3,8 @@
     python bench/ingest.py [--ticks 200000] [--symbols 20] [--cluster]
 
 Starts its own redis-server on a free loopback port, feeds the ingestor's real code
-path (tradermade.parse_message, Sequencer, Publisher, RedisBus) as fast as it takes
-ticks, and prints ticks/s published, CPU per tick of this process, and Redis CPU per
+path (tradermade.parse_message, Sequencer, Publisher fenced by a real lease, RedisBus)
+as fast as it takes ticks, and prints ticks/s published, CPU per tick of this process, and Redis CPU per
 tick (utime + stime of the redis-server processes, from /proc, before and after).
 With --cluster it then does the same into a 3-primary Redis Cluster (ClusterBus,
 sharded pub/sub), and prints both side by side with the rate each shard took.
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson
 
+from ingestor.leader import RedisLeadership
 from ingestor.publisher import Publisher
 from ingestor.sequencer import Sequencer
 from ingestor.tradermade import parse_message
@@ -52,7 +53,11 @@ async def run(bus: Bus, redis_pids: Sequence[int], ticks: int, symbols: int) -> 
                          "bid": 1.08512, "ask": 1.08519, "mid": 1.085155}).decode()
            for i in range(ticks)]
     seq = Sequencer()
-    publisher = Publisher(bus)
+    # Fenced by a real lease, as a leading ingestor publishes (on a cluster that costs a lease
+    # read per batch, see shared/cluster_bus.py).
+    leadership = RedisLeadership.from_url(bus.url, bus.names, "bench", ttl=60)
+    assert await leadership.claim()
+    publisher = Publisher(bus, fence=leadership.fence)
     task = asyncio.create_task(publisher.run())
     redis0, cpu0, t0 = cpu_seconds(redis_pids), time.process_time(), time.perf_counter()
     chunk = 500  # the upstream reader yields to the loop between socket reads
@@ -66,6 +71,7 @@ async def run(bus: Bus, redis_pids: Sequence[int], ticks: int, symbols: int) -> 
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     redis_cpu = cpu_seconds(redis_pids) - redis0
     task.cancel()
+    await leadership.close()
     stored = len(await bus.history(names[0], 0, ticks))
     assert stored >= min(ticks // symbols, 1000) * 0.9, f"history of {names[0]} holds {stored}"
     return {"ticks": ticks, "ticks_per_s": ticks / wall, "cpu_us_per_tick": cpu / ticks * 1e6,

@@ -24,12 +24,11 @@ from collections.abc import Collection, Sequence
 from typing import cast
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import RedisClusterException
 
 from shared.bus import ControlHandler, Fenced, Message, StateHandler, TickHandler
 from shared.cluster_subscriber import ClusterSubscriber
 from shared.names import Names
-from shared.redis_url import ClusterUnavailable, RedisTarget, connect, parse_redis_url
+from shared.redis_url import RedisTarget, connect, parse_redis_url
 
 log = logging.getLogger("fxproxy.bus")
 
@@ -104,10 +103,7 @@ class ClusterBus:
             keys = (n.history(symbol), n.last_value(symbol), n.fence(symbol))
             pipe.eval(_PUBLISH_SYMBOL, len(keys), *keys, n.tick_channel(symbol), self._history_len,
                       token, term_of(token), self._fence_ttl_ms, *ticks)
-        try:
-            results = cast(list[int], await pipe.execute())
-        except RedisClusterException as exc:
-            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        results = cast(list[int], await pipe.execute())
         fenced = [s for s, r in zip(by_symbol, results, strict=True) if r == -1]
         if fenced:
             raise Fenced(f"a newer leader than {fence} published {', '.join(fenced[:5])}")
@@ -132,11 +128,8 @@ class ClusterBus:
         wanted = list(symbols)
         if not wanted:
             return {}
-        try:
-            values = cast(list[bytes | None], await self.client.mget_nonatomic(
-                [self.names.last_value(s) for s in wanted]))
-        except RedisClusterException as exc:
-            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        values = cast(list[bytes | None], await self.client.mget_nonatomic(
+            [self.names.last_value(s) for s in wanted]))
         return {s: v for s, v in zip(wanted, values, strict=True) if v is not None}
 
     async def _known_symbols(self) -> list[str]:

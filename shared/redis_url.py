@@ -14,6 +14,7 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -33,6 +34,19 @@ class _RedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise ValueError("shard_hint is not supported in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
         except RedisClusterException as exc:
             raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -151,8 +165,6 @@ def connect(url: str | RedisTarget, *, retries: int, socket_timeout: float | Non
         return Redis.from_url(target.url, retry=retry, retry_on_error=retry_on, **options)
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.mode == "cluster":
-        from redis.asyncio.cluster import ClusterNode
-
         return _RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], ssl=target.tls,
                             retry=retry, **auth, **options)
     # The sentinels themselves are asked with the same short timeouts; each new connection

@@ -77,10 +77,8 @@ class RedisCluster:
             raise
 
     def _create(self) -> None:
-        for port in self.ports:
-            self._start_node(port)
-        for port in self.ports:
-            self._wait_ping(port)
+        for i in range(len(self.ports)):
+            self._start_node(i)
         done = subprocess.run(
             [self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
@@ -90,7 +88,23 @@ class RedisCluster:
                                f"{done.stdout[-1500:]}{done.stderr[-500:]}")
         self.wait_ok(30)
 
-    def _start_node(self, port: int) -> None:
+    def _start_node(self, index: int, attempts: int = 5) -> None:
+        """Start node `index` and wait for its PING; on a port taken meanwhile (free_port only
+        says it was free a moment ago), try again on new ports."""
+        for attempt in range(attempts):
+            port = self.ports[index]
+            self._spawn(port)
+            try:
+                self._wait_ping(port)
+                return
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                del self.procs[port], self.bus_ports[port]
+                self.ports[index] = free_port()
+                self.bus_ports[self.ports[index]] = free_port()
+
+    def _spawn(self, port: int) -> None:
         node_dir = self.dir / str(port)
         node_dir.mkdir(exist_ok=True)
         self.procs[port] = subprocess.Popen(

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .debian import find_or_install
@@ -32,8 +33,8 @@ class RedisSentinel:
     def __init__(self, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000) -> None:
         self.server = find_redis_server()
         self.sentinel = find_redis_sentinel()
-        self.data_ports = [free_port() for _ in range(1 + replicas)]
-        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.data_ports = [0] * (1 + replicas)  # chosen as each process starts
+        self.sentinel_ports = [0] * sentinels
         self.down_after_ms = down_after_ms
         self.dir = Path(tempfile.mkdtemp(prefix="fxproxy-sentinel-"))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -50,28 +51,42 @@ class RedisSentinel:
             raise
 
     def _start_all(self) -> None:
+        self.data_ports[0] = self._start(lambda port: [
+            self.server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         primary = self.data_ports[0]
-        for port in self.data_ports:
-            follow = [] if port == primary else ["--replicaof", "127.0.0.1", str(primary)]
-            self._spawn(port, [self.server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", *follow])
-        quorum = len(self.sentinel_ports) // 2 + 1
-        for port in self.sentinel_ports:
-            conf = self.dir / f"sentinel-{port}.conf"  # a sentinel rewrites its own config file
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
-                f"sentinel monitor {MASTER} 127.0.0.1 {primary} {quorum}\n"
-                f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {MASTER} 10000\n"
-                f"sentinel parallel-syncs {MASTER} 1\n")
-            self._spawn(port, [self.sentinel, str(conf)])
-        for port in self.procs:
-            self._wait_ping(port)
+        for i in range(1, len(self.data_ports)):
+            self.data_ports[i] = self._start(lambda port: [
+                self.server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--replicaof", "127.0.0.1", str(primary)])
+        for i in range(len(self.sentinel_ports)):
+            self.sentinel_ports[i] = self._start(lambda port: [self.sentinel, str(self._conf(port))])
         self.wait_replicas_known(20)
 
-    def _spawn(self, port: int, args: list[str]) -> None:
-        self.procs[port] = subprocess.Popen([*args, "--logfile", str(self.dir / f"{port}.log")],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def _conf(self, port: int) -> Path:
+        conf = self.dir / f"sentinel-{port}.conf"  # a sentinel rewrites its own config file
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {self.data_ports[0]} {len(self.sentinel_ports) // 2 + 1}\n"
+            f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {MASTER} 10000\n"
+            f"sentinel parallel-syncs {MASTER} 1\n")
+        return conf
+
+    def _start(self, argv: Callable[[int], list[str]], attempts: int = 5) -> int:
+        """Start a process on a free port and wait for its PING; the port it got. A port taken
+        meanwhile (free_port only says it was free a moment ago) means another try on a new one."""
+        for attempt in range(attempts):
+            port = free_port()
+            self.procs[port] = subprocess.Popen([*argv(port), "--logfile", str(self.dir / f"{port}.log")],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                self._wait_ping(port)
+                return port
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                del self.procs[port]
+        raise AssertionError("unreachable")
 
     def _wait_ping(self, port: int, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout

@@ -68,6 +68,10 @@ async def test_an_unreachable_cluster_is_a_redis_error_like_any_outage() -> None
     client = connect("redis+cluster://127.0.0.1:1", retries=0, socket_timeout=1, connect_timeout=1)
     with pytest.raises(RedisError):
         await client.ping()
+    pipe = client.pipeline(transaction=False)
+    pipe.get("fx:{EURUSD}:last")
+    with pytest.raises(RedisError):
+        await pipe.execute()
     await client.aclose()
 
 
