@@ -192,3 +192,59 @@ async def test_subscriber_resubscribes_when_the_server_ends_its_sharded_subscrip
         with contextlib.suppress(asyncio.CancelledError):
             await reading
         await bus.close()
+
+
+async def test_subscriber_follows_a_slot_migrated_to_another_primary(
+        redis_cluster: RedisCluster, redis_cluster_url: str) -> None:
+    """The slot of a subscribed symbol moves (CLUSTER SETSLOT ... MIGRATING/IMPORTING, MIGRATE,
+    SETSLOT NODE): the old owner pushes `sunsubscribe`, the subscriber resubscribes on the new one,
+    and the publisher follows MOVED."""
+    symbol = "EURUSD"
+    channel = NAMES.tick_channel(symbol)
+    slot, src = redis_cluster.keyslot(channel), redis_cluster.owner(channel)
+    dst = next(p for p in redis_cluster.primary_ports() if p != src)
+    bus = ClusterBus(redis_cluster_url)
+    states: list[bool] = []
+    got: list[bytes] = []
+    subscriber = bus.subscriber(lambda _s, p: got.append(p), lambda _e: None, states.append)
+    await subscriber.subscribe([symbol])
+    reading = asyncio.create_task(subscriber.run())
+    seq = 0
+
+    async def publish(n: int) -> None:
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            await bus.publish([Message(symbol, seq, b'{"symbol":"%s","epoch":"e","seq":%d}'
+                                       % (symbol.encode(), seq))])
+            await asyncio.sleep(0.02)
+
+    try:
+        await publish(20)
+        assert states == [True] and got, "no ticks before the move"
+        src_id, dst_id = (command(p, "CLUSTER", "MYID").split("\r\n")[1] for p in (src, dst))
+        command(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+        command(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+        reply = command(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS",
+                        NAMES.history(symbol), NAMES.last_value(symbol))
+        assert reply.startswith("+OK"), reply
+        moved_at = time.monotonic()
+        for port in redis_cluster.primary_ports():
+            command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+        before = len(got)
+        for _ in range(200):
+            await publish(1)
+            if len(states) >= 3 and states[-1] and len(got) > before + 5:
+                break
+        took = time.monotonic() - moved_at
+        print(f"\nslot {slot} of {symbol} moved :{src} -> :{dst}: subscriber states {states}, "
+              f"ticks flowing again after {took:.2f}s")
+        assert states[:3] == [True, False, True] and len(got) > before + 5
+        assert took < 10.0
+        assert redis_cluster.owner(channel) == dst
+        assert len(await bus.history(symbol, 0, 1000)) == seq  # history moved with the slot
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await bus.close()
