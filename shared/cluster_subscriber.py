@@ -113,6 +113,10 @@ class ClusterSubscriber:
                 if self._connected:
                     self._connected = False
                     self._on_state(False)
+                if not self._failed.done():
+                    self._failed.cancel()
+                elif not self._failed.cancelled():
+                    self._failed.exception()  # retrieved: the loss was logged above
                 await self._teardown()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
@@ -181,7 +185,7 @@ class ClusterSubscriber:
             await self._read_messages(pubsub)
         except asyncio.CancelledError:
             raise
-        except (RedisError, OSError, _Lost) as exc:
+        except Exception as exc:  # any end of a reader ends the generation: none dies unseen
             self._fail(_Lost(f"{address[0]}:{address[1]}: {type(exc).__name__}: {exc}"))
 
     async def _read_messages(self, pubsub: PubSub) -> None:

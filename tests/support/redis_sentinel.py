@@ -51,16 +51,21 @@ class RedisSentinel:
             raise
 
     def _start_all(self) -> None:
-        self.data_ports[0] = self._start(lambda port: [
-            self.server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        self.data_ports[0] = self._start(self._server_argv)
         primary = self.data_ports[0]
         for i in range(1, len(self.data_ports)):
             self.data_ports[i] = self._start(lambda port: [
-                self.server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--replicaof", "127.0.0.1", str(primary)])
+                *self._server_argv(port), "--replicaof", "127.0.0.1", str(primary)])
         for i in range(len(self.sentinel_ports)):
             self.sentinel_ports[i] = self._start(lambda port: [self.sentinel, str(self._conf(port))])
         self.wait_replicas_known(20)
+
+    def _server_argv(self, port: int) -> list[str]:
+        # Its own dir: a replica's full sync writes an RDB file even with saving off.
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        return [self.server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(node_dir)]
 
     def _conf(self, port: int) -> Path:
         conf = self.dir / f"sentinel-{port}.conf"  # a sentinel rewrites its own config file
