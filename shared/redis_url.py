@@ -3,6 +3,7 @@
     redis://[user:pass@]host:port[/db]   rediss://...            one Redis (as redis-py reads it)
     redis+cluster://[user:pass@]host:port[,host:port...]          Redis Cluster (rediss+cluster: TLS)
     redis+sentinel://[user:pass@]host:port[,host:port...]/MASTER[/db]   Sentinel-managed primary
+    (rediss+sentinel: TLS to the primary; the sentinels themselves are asked in plain TCP)
 
 A URL that cannot work raises ValueError with one line saying why, before anything connects.
 """
@@ -49,6 +50,16 @@ class _ClusterPipeline(ClusterPipeline):
             return await super().execute(raise_on_error, allow_redirections)
         except RedisClusterException as exc:
             raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+class _SentinelManaged(Redis):
+    """A client of the primary that also closes the connections to the sentinels it asked."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        if isinstance(manager, Sentinel):
+            await manager.aclose()
 
 
 AnyRedis = Redis | RedisCluster
@@ -171,6 +182,7 @@ def connect(url: str | RedisTarget, *, retries: int, socket_timeout: float | Non
     # asks them where the primary is now, which is how a failover is followed.
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs={  # type: ignore[no-untyped-call]
         "socket_timeout": connect_timeout, "socket_connect_timeout": connect_timeout})
-    client: Redis = sentinel.master_for(target.master, db=target.db, ssl=target.tls, retry=retry,
-                                        retry_on_error=retry_on, **auth, **options)
+    client: Redis = sentinel.master_for(target.master, redis_class=_SentinelManaged, db=target.db,
+                                        ssl=target.tls, retry=retry, retry_on_error=retry_on,
+                                        **auth, **options)
     return client

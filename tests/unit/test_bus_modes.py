@@ -55,7 +55,7 @@ async def test_each_mode_gets_its_own_client_class() -> None:
     single = connect("redis://127.0.0.1:1/0", retries=0, socket_timeout=1)
     cluster = connect("redis+cluster://127.0.0.1:1", retries=0, socket_timeout=1)
     sentinel = connect("redis+sentinel://127.0.0.1:1/m", retries=0, socket_timeout=1)
-    assert type(single) is Redis and isinstance(cluster, RedisCluster) and type(sentinel) is Redis
+    assert type(single) is Redis and isinstance(cluster, RedisCluster) and isinstance(sentinel, Redis)
     assert type(sentinel.connection_pool).__name__ == "SentinelConnectionPool"
     assert single.get_retry() is not None and single.get_retry().get_retries() == 0
     for client in (single, cluster, sentinel):
