@@ -32,6 +32,8 @@ from shared.redis_url import RedisTarget, connect, parse_redis_url
 
 log = logging.getLogger("fxproxy.bus")
 
+# EVAL rather than EVALSHA: a replica promoted by a failover has an empty script cache, and the
+# ~1.5 KB of script per symbol per batch is small next to the batch's ticks.
 # One symbol's ticks: KEYS hist, last, fence; ARGV channel, maxlen, token, term, fence ttl ms,
 # then (seq, payload) pairs. Returns -1 when fenced, else how many XADDs were refused.
 _PUBLISH_SYMBOL = """
@@ -134,7 +136,8 @@ class ClusterBus:
 
     async def _known_symbols(self) -> list[str]:
         # A SCAN of every primary rather than an index in the meta slot: no extra write on the
-        # publish path and no index to go stale; only the ingestor asks, at term start.
+        # publish path and no index to go stale. Only ingestors ask: at term start, and every
+        # TTL/3 while a standby without positions of its own waits.
         pattern = _glob_escape(self.names.last_value("")).replace("{}", "{*}")
         start = len(self.names.last_value("")) - len("}:last")
         symbols: list[str] = []
