@@ -1,9 +1,11 @@
 """The bus on Redis Cluster: a symbol's channel, history and last tick share one slot.
 
 Publishing groups a batch by symbol into one script call each (SPUBLISH + XADD + SET last, the
-same replay and epoch rules as the single-Redis script), and sends them in one cluster pipeline,
-which talks to every shard at once. Everything else (keys, lease, control) is in the `{meta}`
-slot, so the keystore and the lease run unchanged on whichever shard owns it.
+same replay and epoch rules as the single-Redis script), and sends one pipeline per shard, all at
+once. When a shard is away the others still take their ticks, and PartlyPublished hands back only
+the away shard's for the publisher to retry. Everything else (keys, lease, control) is in the
+`{meta}` slot, so the keystore and the lease run unchanged on whichever shard owns it; while that
+shard is away, publishing waits for it (the lease cannot be read).
 
 Fencing. The lease lives in the meta slot, which a symbol's script cannot read. So publish first
 reads the lease: held by another process, the batch is refused (Fenced) as in single mode. Each
@@ -18,17 +20,20 @@ because the meta shard lost `fx:{meta}:epoch` (the fence key expires after its T
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import cast
 
 from redis.asyncio import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, SlotNotCoveredError
 
-from shared.bus import ControlHandler, Fenced, Message, StateHandler, TickHandler
+from shared.bus import ControlHandler, Fenced, Message, PartlyPublished, StateHandler, TickHandler
 from shared.cluster_subscriber import ClusterSubscriber
 from shared.names import Names
-from shared.redis_url import RedisTarget, connect, parse_redis_url
+from shared.redis_url import ClusterUnavailable, RedisTarget, connect, parse_redis_url
 
 log = logging.getLogger("fxproxy.bus")
 
@@ -73,6 +78,9 @@ return failed
 """
 
 
+_RELOAD_INTERVAL = 0.25  # seconds between slot map reloads while a shard is away
+
+
 def term_of(token: str) -> int:
     """The term in a lease token `{node}.{nonce}:{term}.{rand}`; 0 when there is none."""
     try:
@@ -87,31 +95,79 @@ class ClusterBus:
         self.target = url if isinstance(url, RedisTarget) else parse_redis_url(url)
         self.url = self.target.url
         self.client = cast(RedisCluster, connect(self.target, retries=3, socket_timeout=5.0))
+        # Publishing has a client of its own that fails at once and works with the slots that are
+        # served: the publisher retries what a shard that is away did not take, and redis-py's
+        # own retry (or its wait for full coverage) would hold up every shard.
+        self._publisher = cast(RedisCluster, connect(self.target, retries=0, socket_timeout=5.0,
+                                                     full_coverage=False))
         self.names = names or Names(cluster=True)
         if not self.names.cluster:
             raise ValueError("a Redis Cluster bus needs cluster names (Names(cluster=True))")
         self._history_len = history_len
         self._fence_ttl_ms = max(1, int(fence_ttl * 1000))
         self._token = ""  # the newest lease token of ours seen while publishing
+        self._reloaded_at = float("-inf")
 
     async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
         token = await self._lease_token(fence) if fence else ""
         by_symbol: dict[str, list[str | int | bytes]] = defaultdict(list)
         for symbol, seq, payload in messages:
             by_symbol[symbol] += (seq, payload)
-        n = self.names
-        pipe = self.client.pipeline(transaction=False)
-        for symbol, ticks in by_symbol.items():
-            keys = (n.history(symbol), n.last_value(symbol), n.fence(symbol))
-            pipe.eval(_PUBLISH_SYMBOL, len(keys), *keys, n.tick_channel(symbol), self._history_len,
-                      token, term_of(token), self._fence_ttl_ms, *ticks)
-        results = cast(list[int], await pipe.execute())
-        fenced = [s for s, r in zip(by_symbol, results, strict=True) if r == -1]
+        groups = await self._by_node(by_symbol)
+        # One pipeline per shard, all at once: a shard that is away holds up only its own symbols.
+        outcomes = await asyncio.gather(*(self._publish_group(g, by_symbol, token) for g in groups),
+                                        return_exceptions=True)
+        fenced: list[str] = []
+        unpublished: set[str] = set()
+        refused, error = 0, None
+        for group, outcome in zip(groups, outcomes, strict=True):
+            if isinstance(outcome, (RedisError, OSError)):
+                unpublished.update(group)
+                error = error or outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                fenced += (s for s, r in zip(group, outcome, strict=True) if r == -1)
+                refused += sum(r for r in outcome if r > 0)
         if fenced:
             raise Fenced(f"a newer leader than {fence} published {', '.join(fenced[:5])}")
-        failed = sum(results)
-        if failed:
-            log.warning("history refused ticks it already had", extra={"ticks": failed})
+        if refused:
+            log.warning("history refused ticks it already had", extra={"ticks": refused})
+        if error is not None:
+            now = time.monotonic()
+            if now - self._reloaded_at >= _RELOAD_INTERVAL:
+                # The next publish reloads the slot map, to find a failed primary's replacement;
+                # at most this often, as a reload also fetches COMMAND (~100 KB) from a node.
+                self._reloaded_at = now
+                await self._publisher.aclose()
+            if len(unpublished) == len(by_symbol):
+                raise error
+            raise PartlyPublished([m for m in messages if m.symbol in unpublished], error)
+
+    async def _by_node(self, symbols: Collection[str]) -> list[list[str]]:
+        """Symbols grouped by the primary that owns them, as far as the slot map knows."""
+        try:
+            await self._publisher.initialize()
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        groups: dict[str, list[str]] = defaultdict(list)
+        for symbol in symbols:
+            try:
+                node = self._publisher.get_node_from_key(self.names.tick_channel(symbol))
+            except SlotNotCoveredError:
+                node = None  # the pipeline finds out, or fails that group alone
+            groups[node.name if node is not None else ""].append(symbol)
+        return list(groups.values())
+
+    async def _publish_group(self, symbols: list[str], ticks: dict[str, list[str | int | bytes]],
+                             token: str) -> list[int]:
+        n = self.names
+        pipe = self._publisher.pipeline(transaction=False)
+        for symbol in symbols:
+            keys = (n.history(symbol), n.last_value(symbol), n.fence(symbol))
+            pipe.eval(_PUBLISH_SYMBOL, len(keys), *keys, n.tick_channel(symbol), self._history_len,
+                      token, term_of(token), self._fence_ttl_ms, *ticks[symbol])
+        return cast(list[int], await pipe.execute())
 
     async def _lease_token(self, fence: str) -> str:
         holder = cast(bytes | None, await self.client.get(self.names.leader))
@@ -170,6 +226,7 @@ class ClusterBus:
         await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
 
     async def close(self) -> None:
+        await self._publisher.aclose()
         await self.client.aclose()
 
 

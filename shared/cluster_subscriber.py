@@ -4,10 +4,12 @@ PUBLISH to every node, so any node will do).
 
 Not redis-py's ClusterPubSub: it repairs subscriptions by itself (its per-node PubSubs reconnect
 and resubscribe on error, and a slots-cache listener migrates channels in a background task), so a
-failover would cost ticks that nobody notices. Here any loss (a node's connection fails, a reply is
-MOVED, the server pushes a `sunsubscribe` because the slot moved or its primary became a replica)
-ends the whole generation: on_state(False), a fresh slot map from CLUSTER SLOTS, every connection
-and subscription made anew, then on_state(True), on which the hub refills every symbol from history.
+failover would cost ticks that nobody notices. Here a loss is always reported: when a node's
+connection fails, a reply is MOVED, or the server pushes `sunsubscribe` (the slot moved, or its
+primary became a replica), on_state(False); then a fresh slot map from CLUSTER SLOTS, the lost
+symbols subscribed again where they live now, and on_state(True), on which the hub refills every
+symbol from history. Only the lost node's (or channel's) symbols are re-made: the other nodes'
+connections keep delivering meanwhile.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ class ClusterSubscriber:
         self._connected = False
         self._seeds: list[Address] = list(target.nodes)
         self._slots: list[tuple[int, int, Address]] = []
-        # This generation: one pubsub per primary, reader tasks, and the first failure.
-        self._nodes: dict[Address, PubSub] = {}
-        self._readers: list[asyncio.Task[None]] = []
-        self._failed: asyncio.Future[None] | None = None
+        self._nodes: dict[Address, PubSub] = {}  # one connection per primary we read from
+        self._readers: dict[Address, asyncio.Task[None]] = {}
+        self._home: dict[str, Address] = {}  # symbol -> the node it is subscribed on
+        self._control_at: Address | None = None
+        self._broken: set[Address] = set()  # nodes whose connection failed
+        self._lost = asyncio.Event()  # something must be re-made
         self._leaving: set[bytes] = set()  # channels we asked to sunsubscribe
         self._symbol_of: dict[bytes, str] = {}
         self._control = names.control.encode()
@@ -66,60 +70,113 @@ class ClusterSubscriber:
         new = [s for s in symbols if s not in self._symbols]
         self._symbols.update(new)
         if new and self._connected:
-            await self._guard(self._ssubscribe(new))
+            await self._home_symbols(new)
 
     async def unsubscribe(self, symbols: Collection[str]) -> None:
         gone = [s for s in symbols if s in self._symbols]
         self._symbols.difference_update(gone)
-        if not gone or not self._connected:
-            return
-        for address, channels in self._by_node(gone).items():
-            pubsub = self._nodes.get(address)
-            if pubsub is None:
-                continue
+        by_node: dict[Address, list[str]] = defaultdict(list)
+        for symbol in gone:
+            home = self._home.pop(symbol, None)
+            if home is not None and home in self._nodes:
+                by_node[home].append(self._names.tick_channel(symbol))
+        for address, channels in by_node.items():
             for group in _by_slot(channels):
                 self._leaving.update(c.encode() for c in group)
-                await self._guard(pubsub.sunsubscribe(*group))
+                await self._guard(address, self._nodes[address].sunsubscribe(*group))
 
-    async def _guard(self, call: Any) -> None:
+    async def _home_symbols(self, symbols: Collection[str]) -> None:
+        """Subscribe each symbol on the node that owns it now, as far as the slot map knows."""
+        by_node: dict[Address, list[str]] = defaultdict(list)
+        for symbol in symbols:
+            try:
+                by_node[self._owner(self._names.tick_channel(symbol))].append(symbol)
+            except _Lost as exc:
+                log.warning("bus subscription deferred", extra={"error": str(exc)})
+                self._lost.set()
+        for address, group_symbols in by_node.items():
+            pubsub = self._pubsub_for(address)
+            channels = [self._names.tick_channel(s) for s in group_symbols]
+            for group in _by_slot(channels):  # one SSUBSCRIBE may name channels of one slot only
+                self._leaving.difference_update(c.encode() for c in group)
+                if not await self._guard(address, pubsub.ssubscribe(*group)):
+                    return
+            for symbol in group_symbols:
+                if symbol in self._symbols:
+                    self._home[symbol] = address
+
+    async def _guard(self, address: Address, call: Any) -> bool:
         try:
             await call
-        except (RedisError, OSError, _Lost) as exc:
-            # The readers see the same failure (or are told here) and the generation starts over.
-            log.warning("bus subscription change failed", extra={"error": str(exc)})
-            self._fail(exc)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._failed is not None and not self._failed.done():
-            self._failed.set_exception(exc)
+            return True
+        except (RedisError, OSError) as exc:
+            log.warning("bus subscription change failed", extra={
+                "node": f"{address[0]}:{address[1]}", "error": f"{type(exc).__name__}: {exc}"})
+            self._broken.add(address)
+            self._lost.set()
+            return False
 
     async def run(self) -> None:
         delay = 0.1
-        while True:
-            self._failed = asyncio.get_running_loop().create_future()
-            try:
-                await self._load_slots()
-                control = self._pubsub_for(random.choice(self._primaries()))
-                await control.subscribe(self._names.control)
-                await self._ssubscribe(list(self._symbols))
-                self._connected = True
-                self._on_state(True)
-                delay = 0.1
-                await self._failed
-            except (RedisError, OSError, _Lost) as exc:
-                log.warning("bus subscriber lost", extra={"error": f"{type(exc).__name__}: {exc}",
-                                                          "retry_s": delay})
-            finally:
+        try:
+            while True:
+                try:
+                    await self._repair()
+                    if not self._lost.is_set():
+                        if not self._connected:
+                            self._connected = True
+                            self._on_state(True)
+                        delay = 0.1
+                        await self._lost.wait()
+                except (RedisError, OSError, _Lost) as exc:
+                    log.warning("bus subscriber lost", extra={"error": f"{type(exc).__name__}: {exc}",
+                                                              "retry_s": delay})
                 if self._connected:
                     self._connected = False
                     self._on_state(False)
-                if not self._failed.done():
-                    self._failed.cancel()
-                elif not self._failed.cancelled():
-                    self._failed.exception()  # retrieved: the loss was logged above
-                await self._teardown()
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 2.0)
+                self._lost.clear()
+                await self._drop_broken()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                # A short cap: one CLUSTER SLOTS an attempt, and the lost node's symbols are what
+                # waits for it while the other nodes deliver.
+                delay = min(delay * 2, 0.5)
+        finally:
+            self._broken.update(self._nodes)
+            await self._drop_broken()
+
+    async def _repair(self) -> None:
+        """A fresh slot map; the control channel and every symbol not subscribed where it lives."""
+        await self._load_slots()
+        for symbol, home in list(self._home.items()):
+            if self._owner(self._names.tick_channel(symbol)) != home:
+                del self._home[symbol]  # its slot lives elsewhere now (moved, or a failover)
+        if self._control_at is None:
+            address = random.choice(self._primaries())
+            if await self._guard(address, self._pubsub_for(address).subscribe(self._names.control)):
+                self._control_at = address
+        # Until nothing is missing: the hub may subscribe more while this awaits.
+        while not self._lost.is_set():
+            missing = [s for s in self._symbols if s not in self._home]
+            if not missing:
+                return
+            await self._home_symbols(missing)
+
+    async def _drop_broken(self) -> None:
+        for address in list(self._broken):
+            task = self._readers.pop(address, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            pubsub = self._nodes.pop(address, None)
+            if pubsub is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            for symbol in [s for s, home in self._home.items() if home == address]:
+                del self._home[symbol]
+            if self._control_at == address:
+                self._control_at = None
+        self._broken.clear()
 
     async def _load_slots(self) -> None:
         """The slot map from the first seed that answers; learned primaries become seeds too."""
@@ -153,27 +210,12 @@ class ClusterSubscriber:
                 return address
         raise _Lost(f"slot {slot} is not served")
 
-    def _by_node(self, symbols: Collection[str]) -> dict[Address, list[str]]:
-        grouped: dict[Address, list[str]] = defaultdict(list)
-        for symbol in symbols:
-            channel = self._names.tick_channel(symbol)
-            self._symbol_of[channel.encode()] = symbol
-            grouped[self._owner(channel)].append(channel)
-        return grouped
-
-    async def _ssubscribe(self, symbols: list[str]) -> None:
-        for address, channels in self._by_node(symbols).items():
-            pubsub = self._pubsub_for(address)
-            for group in _by_slot(channels):  # one SSUBSCRIBE may name channels of one slot only
-                self._leaving.difference_update(c.encode() for c in group)
-                await pubsub.ssubscribe(*group)
-
     def _pubsub_for(self, address: Address) -> PubSub:
         pubsub = self._nodes.get(address)
         if pubsub is None:
             client = self._client(*address, timeout=None)
             pubsub = self._nodes[address] = client.pubsub()
-            self._readers.append(asyncio.create_task(self._read(address, pubsub)))
+            self._readers[address] = asyncio.create_task(self._read(address, pubsub))
         return pubsub
 
     def _client(self, host: str, port: int, timeout: float | None) -> Redis:
@@ -185,8 +227,11 @@ class ClusterSubscriber:
             await self._read_messages(pubsub)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # any end of a reader ends the generation: none dies unseen
-            self._fail(_Lost(f"{address[0]}:{address[1]}: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # any end of a reader is a loss: none dies unseen
+            log.warning("bus node lost", extra={"node": f"{address[0]}:{address[1]}",
+                                                "error": f"{type(exc).__name__}: {exc}"})
+            self._broken.add(address)
+            self._lost.set()
 
     async def _read_messages(self, pubsub: PubSub) -> None:
         symbol_of, control = self._symbol_of, self._control
@@ -201,29 +246,20 @@ class ClusterSubscriber:
             kind = msg["type"]
             if kind == "smessage":
                 symbol = symbol_of.get(msg["channel"])
-                if symbol is not None:
-                    self._on_tick(symbol, msg["data"])
+                if symbol is None:
+                    symbol = symbol_of[msg["channel"]] = _symbol_in(msg["channel"])
+                self._on_tick(symbol, msg["data"])
             elif kind == "message" and msg["channel"] == control:
                 self._on_control(msg["data"])
             elif kind == "sunsubscribe":
-                if msg["channel"] in self._leaving:
-                    self._leaving.discard(msg["channel"])
-                else:
-                    # Pushed by the server: the slot moved or this primary became a replica.
-                    raise _Lost(f"server ended the subscription to {msg['channel']!r}")
-
-    async def _teardown(self) -> None:
-        for task in self._readers:
-            task.cancel()
-        for task in self._readers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for pubsub in self._nodes.values():
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-        self._readers.clear()
-        self._nodes.clear()
-        self._leaving.clear()
+                channel: bytes = msg["channel"]
+                if channel in self._leaving:
+                    self._leaving.discard(channel)
+                    continue
+                # Pushed by the server: the slot moved or this primary became a replica.
+                log.warning("bus subscription ended by the server", extra={"channel": channel.decode()})
+                self._home.pop(_symbol_in(channel), None)
+                self._lost.set()
 
 
 def _by_slot(channels: list[str]) -> list[list[str]]:
@@ -231,6 +267,11 @@ def _by_slot(channels: list[str]) -> list[list[str]]:
     for channel in channels:
         groups[key_slot(channel.encode())].append(channel)
     return list(groups.values())
+
+
+def _symbol_in(channel: bytes) -> str:
+    """The symbol inside a sharded tick channel's hash tag: `fx:{EURUSD}:tick` -> EURUSD."""
+    return channel.partition(b"{")[2].rpartition(b"}")[0].decode()
 
 
 def _text(value: Any) -> str:

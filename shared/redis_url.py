@@ -161,9 +161,11 @@ def redis_mode(url: str) -> Mode:
 
 
 def connect(url: str | RedisTarget, *, retries: int, socket_timeout: float | None,
-            connect_timeout: float = 5.0, health_check_interval: float = 10.0) -> AnyRedis:
+            connect_timeout: float = 5.0, health_check_interval: float = 10.0,
+            full_coverage: bool = True) -> AnyRedis:
     """A client for the URL's mode with these timeouts; `retries=0` means nothing is ever re-sent
-    underneath the caller (the lease and the subscriber depend on that)."""
+    underneath the caller (the lease and the subscriber depend on that). `full_coverage=False`
+    lets a cluster client work with the slots that are served while a failed primary's are not."""
     target = url if isinstance(url, RedisTarget) else parse_redis_url(url)
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else \
         Retry(NoBackoff(), 0)
@@ -177,7 +179,7 @@ def connect(url: str | RedisTarget, *, retries: int, socket_timeout: float | Non
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.mode == "cluster":
         return _RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], ssl=target.tls,
-                            retry=retry, **auth, **options)
+                             retry=retry, require_full_coverage=full_coverage, **auth, **options)
     # The sentinels themselves are asked with the same short timeouts; each new connection
     # asks them where the primary is now, which is how a failover is followed.
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs={  # type: ignore[no-untyped-call]

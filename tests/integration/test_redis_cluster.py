@@ -102,7 +102,9 @@ async def test_keys_limits_and_revocation_work_on_a_cluster(
     took = time.monotonic() - revoked_at
     print(f"\nrevocation over the control channel closed both edges' connections in {took:.2f}s")
     assert codes == [4003, 4003]
-    assert took < 1.0
+    # Usually 0.00 s (closed before the CLI process has exited); on a loaded machine the close
+    # handshake has been seen to take ~1.9 s on a single Redis too (test_keys_cluster.py).
+    assert took < 3.0
 
 
 def test_a_bad_cluster_url_fails_at_start_in_one_line(procs: StartProc) -> None:
@@ -134,11 +136,17 @@ async def test_primary_killed_under_load_its_replica_takes_over_without_silent_g
         failover = await asyncio.to_thread(own.wait_ok, 30)
         result = await rig.measure(fault_at)
         moved = own.owner(NAMES.tick_channel(shards[victim][0]))
-        print(f"\n{result.line(f'cluster primary kill -9 ({holds})')}; cluster ok again after "
-              f"{failover:.2f}s; {shards[victim]} moved from :{victim} to :{moved}")
+        elsewhere = rig.pause([s for s in symbols if s not in shards[victim]], fault_at - 1.0)
+        print(f"\n{result.line(f'cluster primary kill -9 ({holds})')}; symbols of the other shards "
+              f"paused at most {elsewhere:.2f}s; cluster ok again after {failover:.2f}s; "
+              f"{shards[victim]} moved from :{victim} to :{moved}")
         assert moved != victim
         assert result.silent_gaps == 0 and result.duplicates == 0, result.findings
         assert result.flow < 15.0, result.findings
+        if holds == "symbols":
+            # Only the lost shard's symbols wait for its failover; the others keep flowing (20
+            # ticks/s each: a pause is normally 0.05 s, plus the edges' history refill).
+            assert elsewhere < 1.5, result.findings
     finally:
         if rig is not None:
             await rig.stop()

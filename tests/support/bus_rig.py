@@ -8,6 +8,7 @@ little longer for late gaps and duplicates, then returns the figures the tests a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -20,8 +21,8 @@ __all__ = ["BusRig", "Outcome"]
 
 @dataclass
 class Outcome:
-    flow: float  # worst over witnesses: seconds from the fault to the first tick made after it
-    pause: float  # longest silence any witness saw around the fault
+    flow: float  # worst over witnesses and symbols: fault -> the symbol's first tick made after it
+    pause: float  # longest silence of any symbol on any witness around the fault
     silent_gaps: int
     duplicates: int
     resets: int
@@ -29,9 +30,9 @@ class Outcome:
     findings: str
 
     def line(self, scenario: str) -> str:
-        return (f"BUS {scenario}: ticks flow again {self.flow:.2f}s after the fault, longest pause "
-                f"{self.pause:.2f}s, silent gaps {self.silent_gaps}, duplicates {self.duplicates}, "
-                f"resets {self.resets}, client reconnects {self.reconnects}")
+        return (f"BUS {scenario}: every symbol flows again {self.flow:.2f}s after the fault, longest "
+                f"pause of a symbol {self.pause:.2f}s, silent gaps {self.silent_gaps}, "
+                f"duplicates {self.duplicates}, resets {self.resets}, client reconnects {self.reconnects}")
 
 
 @dataclass
@@ -74,16 +75,20 @@ class BusRig:
         await asyncio.sleep(settle)
         for w in self.witnesses:
             await w.stop()
-        flows = [w.time_to_flow(fault_at, fresh=True) for w in self.witnesses]
         return Outcome(
-            flow=max((f if f is not None else float("inf")) for f in flows),
-            pause=max(w.longest_pause(start=fault_at - 1.0) for w in self.witnesses),
+            flow=max(symbol_flow(w, s, fault_at) for w in self.witnesses for s in w.symbols),
+            pause=self.pause(self.symbols, fault_at - 1.0),
             silent_gaps=sum(len(w.silent_gaps) for w in self.witnesses),
             duplicates=sum(len(w.duplicates) for w in self.witnesses),
             resets=sum(w.resets for w in self.witnesses),
             reconnects=sum(w.reconnects for w in self.witnesses),
             findings=self.report(),
         )
+
+    def pause(self, symbols: list[str], start: float) -> float:
+        """Longest time any witness went without a tick of one of `symbols`, from `start` on."""
+        return max((symbol_pause(w, s, start) for w in self.witnesses for s in symbols
+                    if s in w.symbols), default=0.0)
 
     def report(self) -> str:
         return "\n".join(f"{w.summary()}\n{w.findings()}" for w in self.witnesses)
@@ -92,3 +97,19 @@ class BusRig:
         for w in self.witnesses:
             if w.running:
                 await w.stop()
+
+
+def symbol_flow(w: Witness, symbol: str, after: float) -> float:
+    """Seconds from `after` until `symbol`'s first tick the vendor made after it reached `w`."""
+    wall_ms = (after + w.wall_offset) * 1000
+    for e in w.events:
+        if e.kind == "tick" and e.symbol == symbol and e.t > after and isinstance(e.detail, dict) \
+                and not e.detail.get("snapshot") and e.detail.get("ts", 0) > wall_ms:
+            return e.t - after
+    return float("inf")
+
+
+def symbol_pause(w: Witness, symbol: str, start: float) -> float:
+    """Longest gap between `symbol`'s ticks at `w` from `start` on (start itself counts)."""
+    times = [start] + [e.t for e in w.events if e.kind == "tick" and e.symbol == symbol and e.t > start]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)

@@ -112,6 +112,8 @@ class RedisCluster:
              "--cluster-enabled", "yes", "--cluster-port", str(self.bus_ports[port]),
              "--cluster-config-file", str(node_dir / "nodes.conf"),
              "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(node_dir),
+             # As deploys should: a failed primary's slots stop, not every shard's.
+             "--cluster-require-full-coverage", "no",
              "--logfile", str(node_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
