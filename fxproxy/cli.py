@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from fxproxy.config import ConfigError, add_settings_flags, load_settings
+from shared.cluster_bus import ClusterBus
 from shared.logs import setup_logging
 from shared.names import Names
 from shared.redis_bus import RedisBus
+from shared.redis_url import parse_redis_url
 from shared.settings import (
     CommonSettings,
     EdgeSettings,
@@ -54,7 +56,12 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _bus_for(settings: CommonSettings, history_len: int = 1000) -> RedisBus:
+def _bus_for(settings: CommonSettings, history_len: int = 1000,
+             fence_ttl: float = 30.0) -> RedisBus | ClusterBus:
+    """The bus FXPROXY_REDIS_URL names: one Redis or Sentinel, or a Redis Cluster."""
+    target = parse_redis_url(settings.redis_url)
+    if target.mode == "cluster":
+        return ClusterBus(target, Names(settings.prefix, cluster=True), history_len, fence_ttl)
     return RedisBus.from_url(settings.redis_url, Names(settings.prefix), history_len)
 
 
@@ -86,7 +93,8 @@ async def _ingestor(settings: IngestorSettings) -> int:
     from ingestor.leader import RedisLeadership
     from shared.demand import RedisDemandStore
 
-    bus = _bus_for(settings, settings.history_len)
+    # A per-symbol fence outlives a few leases, so a deposed leader's late batch meets it.
+    bus = _bus_for(settings, settings.history_len, fence_ttl=4 * settings.leader_ttl)
     leadership = RedisLeadership.from_url(bus.url, bus.names, settings.resolved_node_id(),
                                           settings.leader_ttl)
     try:

@@ -24,11 +24,8 @@ from __future__ import annotations
 import secrets
 from typing import Protocol, cast
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from shared.names import Names
+from shared.redis_url import AnyRedis, connect
 
 # Extend the lease if this process holds it (under any term); if nobody holds it (never taken,
 # expired, or Redis restarted empty), take it under a new term. Returns the token now held, or
@@ -84,16 +81,17 @@ class SoleLeader:
         return None
 
 
-def lease_client(url: str, ttl: float) -> Redis:
+def lease_client(url: str, ttl: float) -> AnyRedis:
     """A client for lease commands only: a hung Redis shows within min(1 s, ttl/3), and nothing
-    is retried underneath us (redis-py >= 6 retries by default), so a claim is sent at most once."""
+    is retried underneath us (redis-py >= 6 retries by default), so a claim is sent at most once.
+    On a cluster the lease's keys share the `{meta}` slot, so the scripts run there unchanged."""
     timeout = min(1.0, ttl / 3)
-    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                          socket_keepalive=True, retry=Retry(NoBackoff(), 0), retry_on_error=[])
+    return connect(url, retries=0, socket_timeout=timeout, connect_timeout=timeout,
+                   health_check_interval=0)
 
 
 class RedisLeadership:
-    def __init__(self, client: Redis, names: Names, node_id: str, ttl: float,
+    def __init__(self, client: AnyRedis, names: Names, node_id: str, ttl: float,
                  *, owns_client: bool = False) -> None:
         self._client = client
         self._owns_client = owns_client

@@ -10,10 +10,12 @@ from redis.exceptions import RedisError
 
 from ingestor import metrics
 from ingestor.backoff import Backoff
-from shared.bus import Bus, Message
+from shared.bus import Bus, Message, PartlyPublished
 from shared.tick import Tick, encode_tick
 
 log = logging.getLogger("fxproxy.ingestor.publisher")
+
+PARTIAL_RETRY = 0.05  # seconds before retrying what a shard that is away did not take
 
 
 class Publisher:
@@ -55,6 +57,16 @@ class Publisher:
                     # in Redis already; a replay is harmless, a lost batch is a hole in history).
                     self._queue.extendleft(reversed(batch))
                     raise
+                except PartlyPublished as exc:
+                    # One shard is away, the others took their ticks: retry only the rest, and
+                    # soon, so the live shards' symbols keep flowing meanwhile.
+                    self._queue.extendleft(reversed(exc.unpublished))
+                    metrics.PUBLISH_ERRORS.inc()
+                    metrics.TICKS_PUBLISHED.inc(n - len(exc.unpublished))
+                    log.warning("publish partly failed", extra={"error": str(exc),
+                                                                "retry_s": PARTIAL_RETRY})
+                    await asyncio.sleep(PARTIAL_RETRY)
+                    continue
                 except (RedisError, OSError) as exc:
                     # Keep the batch: edges drop duplicate seqs, so a retry never shows twice.
                     self._queue.extendleft(reversed(batch))

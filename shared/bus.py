@@ -18,6 +18,15 @@ class Fenced(Exception):
     """Another ingestor leads now: a publisher holding an older token must stop."""
 
 
+class PartlyPublished(Exception):
+    """Part of the bus (a cluster shard) is away: the rest of the batch went out, `unpublished`
+    (in the batch's order) did not and should be retried soon, without holding up the rest."""
+
+    def __init__(self, unpublished: Sequence[Message], cause: BaseException) -> None:
+        super().__init__(f"{len(unpublished)} ticks not published: {type(cause).__name__}: {cause}")
+        self.unpublished = list(unpublished)
+
+
 TickHandler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], None]
 StateHandler = Callable[[bool], None]
@@ -44,7 +53,8 @@ class Bus(Protocol):
     async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
         """Publish ticks, update last values and history, in one round trip.
 
-        With a `fence` token, raise Fenced instead if another leader holds the lease.
+        With a `fence` token, raise Fenced instead if another leader holds the lease. A bus of
+        several shards raises PartlyPublished when only some of them took their ticks.
         """
         ...
 

@@ -17,9 +17,9 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal, Protocol, cast, get_args
 
 import orjson
-from redis.asyncio import Redis
 
 from shared.names import Names
+from shared.redis_url import AnyRedis
 
 SymbolStatus = Literal["streaming", "capacity", "unknown"]
 STATUSES: frozenset[str] = frozenset(get_args(SymbolStatus))
@@ -134,7 +134,7 @@ def _statuses(symbols: Iterable[str], raw: Iterable[bytes | None]) -> dict[str, 
 
 
 class RedisDemandStore:
-    def __init__(self, client: Redis, names: Names | None = None) -> None:
+    def __init__(self, client: AnyRedis, names: Names | None = None) -> None:
         self.client = client
         self.names = names or Names()
 

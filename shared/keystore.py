@@ -12,9 +12,9 @@ from fnmatch import fnmatchcase
 from typing import Protocol, cast
 
 import orjson
-from redis.asyncio import Redis
 
 from shared.names import Names
+from shared.redis_url import AnyRedis
 
 # What an admin may store. Names appear in logs, in `keys list` and in the
 # `authenticated` reply, so they are short and printable; symbol globs match
@@ -296,7 +296,7 @@ return n
 
 
 class RedisKeyStore:
-    def __init__(self, client: Redis, names: Names | None = None) -> None:
+    def __init__(self, client: AnyRedis, names: Names | None = None) -> None:
         self.client = client
         self.names = names or Names()
         self._acquire = client.register_script(_ACQUIRE)

@@ -11,28 +11,25 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.bus import ControlHandler, Fenced, Message, StateHandler, TickHandler
 from shared.names import Names
+from shared.redis_url import connect
 
 log = logging.getLogger("fxproxy.bus")
 
 
 def connect_redis(url: str, *, retries: int = 3, socket_timeout: float | None = 5.0) -> Redis:
+    """A client of one Redis (redis://, rediss://) or of a Sentinel-managed primary."""
     # health_check_interval makes a silently dead connection show itself instead of hanging,
     # socket_timeout a hung Redis; the retry covers pooled connections that died with a Redis
-    # restart (publishes retried this way are harmless: edges drop positions they have seen).
-    return Redis.from_url(
-        url, health_check_interval=10, socket_keepalive=True, socket_connect_timeout=5,
-        socket_timeout=socket_timeout,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
+    # restart or a failover (publishes retried this way are harmless: edges drop positions they
+    # have seen).
+    client = connect(url, retries=retries, socket_timeout=socket_timeout)
+    if not isinstance(client, Redis):
+        raise ValueError("a Redis Cluster URL needs the cluster bus (shared/cluster_bus.py)")
+    return client
 
 
 class RedisSubscriber:

@@ -30,7 +30,9 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FXPROXY_", extra="ignore")
 
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis URL of the bus (redis:// or rediss://)"
+        "redis://127.0.0.1:6379/0", description="Redis URL of the bus: redis:// or rediss:// (one "
+        "Redis), redis+cluster://HOST:PORT[,HOST:PORT...] (Redis Cluster), "
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] (Sentinel)"
     )
     prefix: str = Field("fx:", description="Prefix of every Redis key and channel")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

@@ -9,6 +9,8 @@ import redis
 
 from tests.support.ports import free_port
 from tests.support.procs import Proc, wait_http, wait_port
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_sentinel import RedisSentinel
 from tests.support.redis_server import RedisServer
 
 UPSTREAM_KEY = "test-upstream-key"
@@ -24,6 +26,37 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real Redis Cluster (3 primaries, 3 replicas) for the session; tests that kill nodes
+    build their own."""
+    built = RedisCluster()
+    built.start()
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisCluster) -> str:
+    """The session's Redis Cluster, emptied, as a redis+cluster:// URL."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """A primary, two replicas and three sentinels of this test's own (failover tests change
+    which node is primary, so nothing is shared)."""
+    built = RedisSentinel()
+    built.start()
+    try:
+        yield built
+    finally:
+        built.close()
 
 
 StartRedis = Callable[..., RedisServer]
