@@ -33,6 +33,7 @@ from redis.exceptions import RedisClusterException, RedisError, SlotNotCoveredEr
 from shared.bus import ControlHandler, Fenced, Message, PartlyPublished, StateHandler, TickHandler
 from shared.cluster_subscriber import ClusterSubscriber
 from shared.names import Names
+from shared.redis_bus import read_history
 from shared.redis_url import ClusterUnavailable, RedisTarget, connect, parse_redis_url
 
 log = logging.getLogger("fxproxy.bus")
@@ -203,15 +204,7 @@ class ClusterBus:
         return symbols
 
     async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
-        if limit <= 0:
-            return []
-        entries = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await self.client.xrange(
-                self.names.history(symbol), min=f"{after_seq + 1}-0", max="+", count=limit
-            ),
-        )
-        return [fields[b"p"] for _id, fields in entries]
+        return await read_history(self.client, self.names.history(symbol), after_seq, limit)
 
     async def publish_control(self, event: bytes) -> None:
         # Classic PUBLISH: a cluster forwards it to every node, so every edge hears it.

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from shared.bus import ControlHandler, Fenced, Message, StateHandler, TickHandler
 from shared.names import Names
-from shared.redis_url import connect
+from shared.redis_url import AnyRedis, connect
 
 log = logging.getLogger("fxproxy.bus")
 
@@ -167,6 +167,17 @@ return failed
 """
 
 
+async def read_history(client: AnyRedis, key: str, after_seq: int, limit: int) -> list[bytes]:
+    """Payloads of a history stream with seq > after_seq, oldest first (stream ids are seqs)."""
+    if limit <= 0:
+        return []
+    entries = cast(
+        list[tuple[bytes, dict[bytes, bytes]]],
+        await client.xrange(key, min=f"{after_seq + 1}-0", max="+", count=limit),
+    )
+    return [fields[b"p"] for _id, fields in entries]
+
+
 class RedisBus:
     def __init__(self, url: str, names: Names | None = None, history_len: int = 1000) -> None:
         self.url = url
@@ -202,15 +213,7 @@ class RedisBus:
         return {s: v for s, v in zip(wanted, values, strict=True) if v is not None}
 
     async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
-        if limit <= 0:
-            return []
-        entries = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await self.client.xrange(
-                self.names.history(symbol), min=f"{after_seq + 1}-0", max="+", count=limit
-            ),
-        )
-        return [fields[b"p"] for _id, fields in entries]
+        return await read_history(self.client, self.names.history(symbol), after_seq, limit)
 
     async def publish_control(self, event: bytes) -> None:
         await self.client.publish(self.names.control, event)
