@@ -69,7 +69,7 @@ def test_every_shipped_deploy_file_passes_every_check() -> None:
     print(f"make validate's checks: {took:.1f} s", *lines, sep="\n")
     assert problems == [], details(problems)
     assert len(lines) == 7 and all(line.startswith("ok") for line in lines[:6]), lines
-    assert lines[-1] == "validate: 6 passed, 0 failed", lines
+    assert lines[-1] == "validate: 6 of 6 checks ok", lines
     files = shipped(REPO_ROOT)
     # What the checks ran on: the default compose file and both overrides, every manifest, the Dockerfile.
     assert {p.name for p in files.compose} >= {"docker-compose.yml", "docker-compose.cluster.yml",
@@ -114,7 +114,7 @@ def test_make_validate_fails_on_one_broken_file_and_says_which_check(checkout: P
     assert verdicts == [["ok", "compose"], ["FAIL", "kubernetes"], ["ok", "kustomization"],
                         ["ok", "dockerfiles"], ["ok", "nginx"], ["ok", "redis"],
                         ["validate:", "5"]], lines
-    assert lines[-1] == "validate: 5 passed, 1 failed", lines
+    assert lines[-1] == "validate: 5 of 6 checks ok", lines
     assert any("ingestor.yaml" in line and "replicas" in line for line in lines), lines
 
 
