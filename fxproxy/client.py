@@ -66,6 +66,7 @@ class Reset:
 class Subscribed:
     symbols: tuple[str, ...]
     recovered: dict[str, bool]  # only for symbols resumed with `since`
+    pending: tuple[str, ...] = ()  # called up on demand: no tick yet, the first one is on its way
 
 
 @dataclass(slots=True, frozen=True)
@@ -323,7 +324,8 @@ class Client:
             return [Reset(msg["symbol"], msg.get("epoch"), msg.get("reason", ""))]
         if kind == "subscribed":
             recovered: dict[str, bool] = msg.get("recovered") or {}
-            out: list[Event] = [Subscribed(tuple(msg.get("symbols", ())), recovered)]
+            out: list[Event] = [Subscribed(tuple(msg.get("symbols", ())), recovered,
+                                           tuple(msg.get("pending") or ()))]
             for symbol, ok in recovered.items():
                 if not ok:
                     self.positions.announce(symbol)
@@ -331,8 +333,9 @@ class Client:
             return out
         if kind in ("error", "unsubscribed"):
             symbols = tuple(msg.get("symbols") or ())
+            # Not asked for again; `capacity` is: the vendor may have room after a reconnect.
             if kind == "unsubscribed" or msg.get("code") in ("forbidden_symbol", "unknown_symbol"):
-                self.symbols = [s for s in self.symbols if s not in symbols]  # not asked for again
+                self.symbols = [s for s in self.symbols if s not in symbols]
             if kind == "unsubscribed":
                 return [Error("unsubscribed", msg.get("reason", ""), symbols)] if msg.get("reason") else []
             return [Error(str(msg.get("code")), str(msg.get("message", "")), symbols)]

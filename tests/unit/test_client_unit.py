@@ -85,6 +85,14 @@ def test_handle_reset_error_and_forbidden_symbols_are_not_resubscribed() -> None
     assert err == [Error("forbidden_symbol", "no", ("GBPUSD",))] and c.symbols == ["EURUSD"]
 
 
+def test_pending_symbols_are_reported_and_capacity_is_asked_for_again() -> None:
+    c = Client("ws://127.0.0.1:1/v1/stream", "k", ["EURUSD", "XAUUSD"])
+    events = c.handle(frame({"type": "subscribed", "symbols": ["EURUSD", "XAUUSD"], "pending": ["XAUUSD"]}))
+    assert events == [Subscribed(("EURUSD", "XAUUSD"), {}, ("XAUUSD",))]
+    err = c.handle(frame({"type": "error", "code": "capacity", "message": "full", "symbols": ["XAUUSD"]}))
+    assert err == [Error("capacity", "full", ("XAUUSD",))] and c.symbols == ["EURUSD", "XAUUSD"]
+
+
 def test_tradermade_ticks_have_no_position_and_bad_key_stops() -> None:
     c = Client("ws://127.0.0.1:1/feedadv", "k", ["EURUSD"])
     [tick] = c.handle(b'{"symbol":"EURUSD","ts":"17","bid":1.0,"ask":1.2,"mid":1.1}')
