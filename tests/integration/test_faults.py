@@ -23,6 +23,7 @@ def ready(port: int) -> int:
         return exc.code
 
 
+@pytest.mark.slow  # mostly waiting: runs with the parallel half
 async def test_redis_restart_loses_no_tick_for_connected_clients(
     cluster: Cluster, redis_server: RedisServer
 ) -> None:

@@ -37,6 +37,7 @@ def spread(cluster: RedisCluster, per_shard: int) -> dict[int, list[str]]:
     return {port: symbols[:per_shard] for port, symbols in by_owner.items()}
 
 
+@pytest.mark.slow  # mostly waiting: runs with the parallel half
 async def test_ticks_flow_over_all_three_shards_in_both_dialects(
         procs: StartProc, redis_cluster: RedisCluster, redis_cluster_url: str) -> None:
     shards = spread(redis_cluster, 1)
@@ -180,6 +181,7 @@ async def test_primary_killed_under_load_its_replica_takes_over_without_silent_g
         own.close()
 
 
+@pytest.mark.slow  # mostly waiting: runs with the parallel half
 async def test_subscriber_resubscribes_when_the_server_ends_its_sharded_subscription(
         redis_cluster: RedisCluster, redis_cluster_url: str) -> None:
     """A manual CLUSTER FAILOVER turns the symbol's primary into a replica, which pushes
