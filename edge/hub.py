@@ -177,7 +177,9 @@ class Hub:
         if stream.position is None:
             # The first client of a symbol: its snapshot is where this edge's stream starts, so a
             # tick published between the snapshot read and the subscription shows as a gap.
-            stream.position, stream.payload = position, payload
+            # Clients already waiting for the symbol's first tick (pending) get this one now: its
+            # pub/sub copy will be dropped as seen.
+            self._take(symbol, stream, payload, repair=False)
         elif stream.position.epoch == position.epoch and stream.position.seq < position.seq:
             stream.gates[writer] = (position, tradermade, rate)
             return

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from edge.hub import Hub
-from shared.tick import Position, Tick, encode_tick
+from shared.tick import Position, Tick, encode_tick, position_of
 
 
 class Recorder:
@@ -219,3 +219,19 @@ async def test_pending_clients_get_a_new_symbols_first_tick_live_with_no_reset_n
     assert a.seen == [57, 58, 59] and len(b.frames) == 3
     assert history.calls == []  # the first tick is where the stream starts: nothing to repair
     assert changes == [{"XAUUSD"}]
+
+
+async def test_a_pending_client_gets_the_first_tick_a_later_subscriber_read_as_its_snapshot() -> None:
+    # B reads the symbol's first tick from fx:last before its pub/sub copy reaches the edge: that
+    # copy is then a duplicate, so A (waiting for the first tick) must get it from B's attach.
+    hub = Hub(History(), repair_timeout=0.2)
+    a, b = Recorder(), Recorder()
+    hub.acquire(["XAUUSD"])
+    hub.attach_pending(a, "XAUUSD")  # type: ignore[arg-type]
+    hub.acquire(["XAUUSD"])
+    first = tick(1, symbol="XAUUSD")
+    hub.attach(b, "XAUUSD", position_of(first), first)  # type: ignore[arg-type]
+    hub.on_tick("XAUUSD", first)  # the pub/sub copy: seen already
+    hub.on_tick("XAUUSD", tick(2, symbol="XAUUSD"))
+    await asyncio.sleep(0)
+    assert a.seen == [1, 2] and b.seen == [2]
