@@ -37,6 +37,7 @@ class UpstreamPool:
         self._per_session = settings.symbols_per_session()
         self._slots: list[VendorSession | None] = [None] * settings.upstream_max_connections
         self._tasks: list[asyncio.Task[None] | None] = [None] * settings.upstream_max_connections
+        self._order: tuple[str, ...] = ()
         self._wanted: frozenset[str] = frozenset()
         self._unknown: set[str] = set()
         self._status: dict[str, str] = {}
@@ -44,7 +45,10 @@ class UpstreamPool:
 
     def want(self, symbols: Collection[str]) -> None:
         """The whole set to stream now (sync, returns at once); run() reconciles sessions to it."""
-        self._wanted = frozenset(symbols)
+        # In the caller's order (static first, then on-demand ones as first wanted): when capacity
+        # is short, the symbols asked for longest keep their place.
+        self._order = tuple(dict.fromkeys(symbols))
+        self._wanted = frozenset(self._order)
         # A symbol this vendor cannot even name (9433@1 on a forex feed) is unknown to it.
         self._unknown |= {s for s in self._wanted if not carries(self._settings, s)}
         self._dirty.set()
@@ -77,12 +81,12 @@ class UpstreamPool:
 
     def _priority(self) -> list[str]:
         """Static symbols first (in configured order), then on-demand ones already streamed, then
-        new ones: a newcomer never pushes out a symbol clients are being sent."""
-        wanted = self._wanted - self._unknown
-        static = [s for s in self._static if s in wanted]
+        new ones, each in the order they were first wanted: a newcomer never pushes out a symbol
+        clients are being sent."""
+        static = [s for s in self._static if s in self._wanted and s not in self._unknown]
         current = self.streamed()
-        rest = wanted - set(static)
-        return static + sorted(rest & current) + sorted(rest - current)
+        rest = [s for s in self._order if s not in self._unknown and s not in static]
+        return static + [s for s in rest if s in current] + [s for s in rest if s not in current]
 
     def _reconcile(self) -> None:
         for task in self._tasks:

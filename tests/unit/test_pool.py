@@ -137,6 +137,17 @@ async def test_pool_refuses_capacity_excess_and_static_symbols_go_first(sessions
     assert all(s.closed for s in sessions)
 
 
+async def test_on_demand_symbols_keep_the_order_they_were_first_wanted_in(sessions: list[FakeSession]) -> None:
+    # A new leader has streamed nothing yet: with room for one on-demand symbol, the one wanted
+    # first gets it, not the alphabetically first.
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("EURUSD", 2, 1), lambda q: None, lambda s, st: statuses.append((s, st)))
+    pool.want(["EURUSD", "XAUUSD", "AUDUSD"])
+    async with running(pool):
+        assert pool.streamed() == {"EURUSD", "XAUUSD"}
+        assert statuses == [("AUDUSD", "capacity")]
+
+
 async def test_vendor_statuses_are_forwarded_once_and_unknown_symbols_lose_their_place(
         sessions: list[FakeSession]) -> None:
     statuses: list[tuple[str, str]] = []
