@@ -92,6 +92,7 @@ class EdgeServer:
             self.hub.recover()
             for key_hash in list(self.by_key):
                 self.spawn(self._reload_key(key_hash))
+            self.spawn(self._recheck_pending())
 
     def on_control(self, data: bytes) -> None:
         try:
@@ -115,6 +116,22 @@ class EdgeServer:
             for conn in list(conns):
                 if symbol in conn.session.symbols:
                     conn.commands.refuse_pending(symbol, *refusal)
+
+    async def _recheck_pending(self) -> None:
+        """Refusals whose fx:ctl event this edge missed (sent while the bus was away, or between a
+        client's status read and its attach): read them back for symbols still without a tick."""
+        if self.demand is None:
+            return
+        waiting = [s for s in self.hub.symbols() if self.hub.last(s) is None]
+        if not waiting:
+            return
+        try:
+            statuses = await self.demand.store.statuses(waiting)
+        except (RedisError, OSError) as exc:
+            log.warning("rechecking pending symbols failed", extra={"error": str(exc)})
+            return
+        for symbol, status in statuses.items():
+            self._symbol_status(symbol, status)
 
     async def _reload_key(self, key_hash: str) -> None:
         try:
@@ -196,6 +213,7 @@ class EdgeServer:
                     await self.demand.publish()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
+            await self._recheck_pending()
             await asyncio.sleep(interval)
 
     async def keepalive(self) -> None:

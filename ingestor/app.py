@@ -172,6 +172,12 @@ async def _stream(settings: IngestorSettings, state: _State, publisher: Publishe
                   demand: DemandStore) -> NoReturn:
     """Stream the static symbols and what demand asks for (ingestor/demand.py) through the session
     pool; its verdicts (streaming, capacity, unknown) reach waiting clients through the reporter."""
+    try:
+        # A previous leader's verdicts (capacity, unknown) do not bind this term's sessions, and a
+        # stale one would refuse every later subscriber at once: this term's pool reports its own.
+        await asyncio.wait_for(demand.reset_statuses(), settings.leader_ttl / 3)
+    except LEASE_ERRORS as exc:
+        log.warning("clearing symbol statuses failed", extra={"error": f"{type(exc).__name__}: {exc}"})
     reporter = StatusReporter(demand, state.bus)
 
     def on_status(symbol: str, status: str) -> None:

@@ -20,6 +20,7 @@ from shared.demand import Catalog, DemandStore, SymbolStatus, symbol_status_even
 log = logging.getLogger("fxproxy.ingestor.demand")
 
 POLL_INTERVAL = 0.25  # seconds between demand reads: a new symbol is asked upstream within this
+CATALOG_INTERVAL = 2.0  # seconds between catalogue writes: a Redis that lost it has it back soon
 STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -53,8 +54,9 @@ OnChange = Callable[[tuple[str, ...]], None]
 
 class DemandWatcher:
     """Polls demand every POLL_INTERVAL and calls `on_change(wanted)` when the set to stream
-    changes (and once at the start). Writes the catalogue first, so edges know what may be asked
-    for; clears the status of symbols it drops, so a later subscriber is tried afresh."""
+    changes (and once at the start). Writes the catalogue first and every CATALOG_INTERVAL (Redis
+    may lose it), so edges know what may be asked for; clears the status of symbols it drops, so
+    a later subscriber is tried afresh."""
 
     def __init__(self, store: DemandStore, static: Sequence[str], globs: Sequence[str], grace: float,
                  on_change: OnChange, interval: float = POLL_INTERVAL) -> None:
@@ -66,13 +68,14 @@ class DemandWatcher:
 
     async def run(self) -> NoReturn:
         loop = asyncio.get_running_loop()
-        catalog_written = failing = False
+        catalog_due = loop.time()
+        failing = False
         while True:
             started = loop.time()
             try:
-                if not catalog_written:
+                if started >= catalog_due:
                     await asyncio.wait_for(self._store.write_catalog(self._policy.catalog), 1.0)
-                    catalog_written = True
+                    catalog_due = started + CATALOG_INTERVAL
                 demand = await asyncio.wait_for(self._store.union(), 1.0)
             except STORE_ERRORS as exc:
                 if not failing:

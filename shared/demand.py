@@ -87,6 +87,10 @@ class DemandStore(Protocol):
 
     async def clear_status(self, symbols: Collection[str]) -> None: ...
 
+    async def reset_statuses(self) -> None:
+        """Forget every verdict: a new leader's upstream gives its own."""
+        ...
+
     async def statuses(self, symbols: Collection[str]) -> dict[str, SymbolStatus]: ...
 
 
@@ -119,6 +123,9 @@ class MemoryDemandStore:
     async def clear_status(self, symbols: Collection[str]) -> None:
         for symbol in symbols:
             self.status.pop(symbol, None)
+
+    async def reset_statuses(self) -> None:
+        self.status.clear()
 
     async def statuses(self, symbols: Collection[str]) -> dict[str, SymbolStatus]:
         return {s: self.status[s] for s in symbols if s in self.status}
@@ -171,6 +178,9 @@ class RedisDemandStore:
     async def clear_status(self, symbols: Collection[str]) -> None:
         if symbols:
             await self.client.hdel(self.names.symbol_status, *symbols)
+
+    async def reset_statuses(self) -> None:
+        await self.client.delete(self.names.symbol_status)
 
     async def statuses(self, symbols: Collection[str]) -> dict[str, SymbolStatus]:
         wanted = list(symbols)

@@ -151,3 +151,28 @@ async def test_tradermade_client_waits_for_a_pending_symbol_and_hears_refusals_a
         await edge.bus.publish_control(symbol_status_event("USDSEK", "capacity"))
         text = await asyncio.wait_for(ws.recv(), 2)
         assert isinstance(text, str) and text.startswith("Error: USDSEK:") and "limit" in text
+
+
+async def test_a_refusal_whose_event_was_missed_reaches_the_pending_client_by_the_next_heartbeat() -> None:
+    # The status is in the store but its fx:ctl event never reached this edge (sent while its bus
+    # was away): the heartbeat reads it back for symbols still waiting for a first tick.
+    settings = EdgeSettings(host="127.0.0.1", port=0, api_keys=[STATIC_KEY], log_format="console",
+                            heartbeat_interval=0.2)
+    bus, demand = MemoryBus(), MemoryDemandStore()
+    await demand.write_catalog(Catalog(("EURUSD",), ("XAU*",)))
+    app = EdgeApp(settings, bus, MemoryKeyStore(), demand)
+    port = await app.start()
+    try:
+        async with await open_native(port, STATIC_KEY) as ws:
+            await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD"], "id": 1})
+            assert (await recv_json(ws))["pending"] == ["XAUUSD"]
+            started = time.monotonic()
+            await demand.set_status("XAUUSD", "capacity")  # no event published
+            error = await until(ws, lambda m: m.get("type") == "error", timeout=2)
+            took = time.monotonic() - started
+            print(f"\nmissed refusal reached the client {took * 1000:.0f} ms later (heartbeat 200 ms)")
+            assert (error["code"], error["symbols"]) == ("capacity", ["XAUUSD"])
+            assert took < 1.0
+    finally:
+        await app.stop(drain_timeout=0)
+        await bus.close()

@@ -187,6 +187,23 @@ async def test_a_symbol_the_vendor_does_not_carry_is_unknown_to_the_pending_clie
         assert took < 3.0
 
 
+async def test_a_previous_leaders_refusal_does_not_bind_the_next_one(cluster: Cluster) -> None:
+    # fx:symstatus left by a leader that refused XAUUSD (capacity) and then died within the grace.
+    stale = redis.Redis.from_url(cluster.redis_url)
+    try:
+        stale.hset("fx:symstatus", "XAUUSD", "capacity")
+    finally:
+        stale.close()
+    cluster.simfeed()
+    ingestor(cluster)
+    _, port = cluster.edge()
+    async with await streaming(port) as ws:
+        await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD"], "id": 6})
+        reply = await until(ws, lambda m: m.get("type") in ("subscribed", "error"))
+        assert reply["type"] == "subscribed" and reply["pending"] == ["XAUUSD"], reply
+        await first_tick(ws, "XAUUSD")
+
+
 async def test_demand_survives_a_leader_change(cluster: Cluster) -> None:
     cluster.simfeed()
     ingestors = {node: ingestor(cluster, FXPROXY_NODE_ID=node, FXPROXY_LEADER_TTL="1")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 
 from edge import protocol as proto
 from edge.demand import NOT_IN_CATALOG, REFUSALS, judge
 from edge.protocol import ErrorCode
+from ingestor import demand as demand_module
 from ingestor.demand import DemandPolicy, DemandWatcher, StatusReporter
 from shared.demand import Catalog, MemoryDemandStore, parse_symbol_status, symbol_status_event
 from shared.memory_bus import MemoryBus
@@ -120,6 +122,21 @@ async def test_watcher_writes_the_catalogue_reports_changes_and_clears_dropped_s
         await asyncio.sleep(0.3)  # grace 0.1 s
         assert seen[-1] == ("EURUSD",) and len(seen) == 3
         assert await store.statuses(["XAUUSD"]) == {}  # a later subscriber is tried afresh
+    finally:
+        task.cancel()
+
+
+async def test_watcher_writes_the_catalogue_again_after_it_was_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demand_module, "CATALOG_INTERVAL", 0.1)
+    store = MemoryDemandStore()
+    watcher = DemandWatcher(store, ["EURUSD"], ["XAU*"], 30, lambda wanted: None, interval=0.02)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert store.stored_catalog is not None
+        store.stored_catalog = None  # a Redis restart without its data
+        await asyncio.sleep(0.2)
+        assert store.stored_catalog == Catalog(("EURUSD",), ("XAU*",))
     finally:
         task.cancel()
 

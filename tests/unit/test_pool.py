@@ -137,7 +137,7 @@ async def test_pool_refuses_capacity_excess_and_static_symbols_go_first(sessions
     assert all(s.closed for s in sessions)
 
 
-async def test_on_demand_symbols_keep_the_order_they_were_first_wanted_in(sessions: list[FakeSession]) -> None:
+async def test_on_demand_symbols_keep_the_order_first_wanted_in(sessions: list[FakeSession]) -> None:
     # A new leader has streamed nothing yet: with room for one on-demand symbol, the one wanted
     # first gets it, not the alphabetically first.
     statuses: list[tuple[str, str]] = []
