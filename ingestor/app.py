@@ -64,7 +64,8 @@ async def _retrying(what: str, call: Callable[[], Awaitable[T]], backoff: Backof
     """Await `call()` until Redis answers; the ingestor outlives Redis restarts."""
     while True:
         try:
-            return await asyncio.wait_for(call(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                return await call()
         except LEASE_ERRORS as exc:
             delay = backoff.next_delay()
             log.warning(f"{what} failed", extra={"error": f"{type(exc).__name__}: {exc}",
@@ -126,7 +127,8 @@ async def _hold(leadership: Leadership, ttl: float, renewed: float, token: str =
         sent = loop.time()
         deadline = renewed + ttl
         try:
-            held = await asyncio.wait_for(leadership.claim(), max(0.0, min(interval, deadline - sent)))
+            async with asyncio.timeout(max(0.0, min(interval, deadline - sent))):
+                held = await leadership.claim()
         except LEASE_ERRORS as exc:
             if loop.time() >= deadline:  # our lease has run out: another may lead by now
                 raise LostLeadership(f"could not renew the lease for {ttl:g}s: "

@@ -73,10 +73,14 @@ class DemandWatcher:
         while True:
             started = loop.time()
             try:
-                if started >= catalog_due:
-                    await asyncio.wait_for(self._store.write_catalog(self._policy.catalog), 1.0)
-                    catalog_due = started + CATALOG_INTERVAL
-                demand = await asyncio.wait_for(self._store.union(), 1.0)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that meets
+                # the call's completion (the memory store answers at once), and this loop would
+                # outlive its term.
+                async with asyncio.timeout(1.0):
+                    if started >= catalog_due:
+                        await self._store.write_catalog(self._policy.catalog)
+                        catalog_due = started + CATALOG_INTERVAL
+                    demand = await self._store.union()
             except STORE_ERRORS as exc:
                 if not failing:
                     log.warning("reading demand failed: streaming the last set",
@@ -106,7 +110,8 @@ class DemandWatcher:
         dropped = self._apply(wanted)
         if dropped:
             try:
-                await asyncio.wait_for(self._store.clear_status(dropped), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._store.clear_status(dropped)
             except STORE_ERRORS as exc:
                 log.warning("clearing symbol status failed", extra={"error": str(exc)})
 

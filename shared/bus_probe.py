@@ -25,7 +25,10 @@ class BusProbe:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._ping(), self._timeout)
+                # Not wait_for: on 3.11 it swallows a cancel that meets an instant ping's
+                # completion, and this loop would outlive the edge's shutdown.
+                async with asyncio.timeout(self._timeout):
+                    await self._ping()
                 self._set(True)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._set(False, exc)
