@@ -137,6 +137,50 @@ async def test_kabu_changes_are_register_and_unregister_on_one_token(kabu: tuple
     assert sim.tokens_issued == 2
 
 
+async def test_kabu_full_list_is_capacity_for_the_rest_not_a_relogin_loop(kabu: tuple[SimKabu, str]) -> None:
+    sim, base = kabu
+    sim.register_elsewhere(["9984@1", "8035@1", "4063@1"])  # left by an earlier owner: list full
+    settings = IngestorSettings(upstream_dialect="kabu", upstream_urls=base,  # type: ignore[arg-type]
+                                upstream_key="pw", symbols="9433@1,7203@1",  # type: ignore[arg-type]
+                                backoff_initial=0.05)
+    rec = Recorder()
+    async with pool_running(settings, rec) as pool:
+        cleared = await eventually(lambda: rec.seen(0) == {"9433@1", "7203@1"})
+        assert sorted(sim.registered) == ["7203@1", "9433@1"]  # the stale three went at the first login
+        sim.register_elsewhere(["6758@1"])  # another app takes the last place of three
+        changed = time.monotonic()
+        pool.want(["9433@1", "7203@1", "8306@1"])
+        refused = await eventually(lambda: ("8306@1", "capacity") in rec.statuses)
+        await asyncio.sleep(1.0)  # long enough for a relogin loop at 0.05 s backoff to show
+        tokens = sim.tokens_issued
+        pause = rec.longest_pause({"9433@1", "7203@1"}, changed, time.monotonic())
+        assert sorted(sim.registered) == ["6758@1", "7203@1", "9433@1"]
+        # The other app leaves and 7203@1 is dropped: at the next change the waiting one gets in.
+        sim.registered.remove("6758@1")
+        pool.want(["9433@1", "8306@1"])
+        admitted = await eventually(lambda: "8306@1" in rec.seen(changed))
+    print(f"\nstale list cleared and streaming in {cleared:.2f}s; over the limit: capacity in "
+          f"{refused:.2f}s, {tokens} token(s) in all, longest pause of the registered two "
+          f"{pause:.3f}s; admitted {admitted:.2f}s after room was made")
+    assert tokens == 1
+    assert pause < 0.5
+    assert ("8306@1", "streaming") in rec.statuses
+
+
+async def test_kabu_symbol_missing_from_the_register_answer_is_unknown(kabu: tuple[SimKabu, str]) -> None:
+    sim, base = kabu
+    sim.unlisted = {"8306@1"}
+    settings = IngestorSettings(upstream_dialect="kabu", upstream_urls=base,  # type: ignore[arg-type]
+                                upstream_key="pw", symbols="9433@1,8306@1",  # type: ignore[arg-type]
+                                backoff_initial=0.05)
+    rec = Recorder()
+    async with pool_running(settings, rec) as pool:
+        told = await eventually(lambda: ("8306@1", "unknown") in rec.statuses and "9433@1" in rec.seen(0))
+        await eventually(lambda: pool.streamed() == {"9433@1"})
+    print(f"\na symbol the RegistList left out was reported unknown in {told:.2f}s")
+    assert ("9433@1", "streaming") in rec.statuses and sim.tokens_issued == 1
+
+
 async def test_kabu_simulator_answers_like_the_reference(kabu: tuple[SimKabu, str]) -> None:
     _, base = kabu
 
