@@ -8,15 +8,21 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosedError
 
 from fxproxy.simfeed import SimFeed
 from fxproxy.simkabu import SimKabu
+from ingestor.backoff import Backoff
 from ingestor.pool import UpstreamPool
+from ingestor.vendors.base import Hooks
 from ingestor.vendors.kabu import REGISTER_LIMIT, SYMBOL_NOT_FOUND, TOKEN_MISMATCH, WRONG_PASSWORD
+from ingestor.vendors.tradermade import TraderMadeSession
 from shared.settings import IngestorSettings
 from shared.tick import Quote
 
@@ -103,6 +109,72 @@ async def test_tradermade_symbol_outside_the_catalogue_is_unknown_and_loses_its_
             await eventually(lambda: feed.clients and feed.clients[0].symbols == ["EURUSD"])
     finally:
         await feed.close()
+
+
+@contextlib.asynccontextmanager
+async def session_running(session: TraderMadeSession) -> AsyncIterator[TraderMadeSession]:
+    task = asyncio.create_task(session.run())
+    try:
+        yield session
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_tradermade_symbol_never_quoted_is_unknown_after_the_first_quote_deadline() -> None:
+    feed = SimFeed("k", rate=40, seed=3, notify_unknown=False)  # the real feed's silence
+    port = await feed.start("127.0.0.1", 0)
+    rec = Recorder()
+    session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["EURUSD", "GBPUSD"],
+                                Hooks(rec.quote, rec.status), first_quote_timeout=0.5)
+    try:
+        async with session_running(session):
+            await eventually(lambda: rec.seen(0) == {"EURUSD", "GBPUSD"})
+            feed.quiet.add("GBPUSD")  # quoted, then went quiet: not a symbol the feed lacks
+            session.change(frozenset({"EURUSD", "GBPUSD", "NOSUCH"}))
+            told = await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses)
+            quiet_since = time.monotonic()
+            await asyncio.sleep(1.5)  # three more deadlines
+            gbp_after = rec.seen(quiet_since) & {"GBPUSD"}
+            carried = [c.symbols for c in feed.clients]
+    finally:
+        await feed.close()
+    print(f"\nsilently ignored symbol reported unknown {told:.2f}s after it was added (deadline 0.5s)")
+    assert 0.4 <= told < 5.0
+    assert rec.statuses.count(("NOSUCH", "unknown")) == 1
+    assert not gbp_after and ("GBPUSD", "unknown") not in rec.statuses
+    assert ("EURUSD", "unknown") not in rec.statuses and carried == [["EURUSD", "GBPUSD"]]
+
+
+async def test_tradermade_failed_resend_ends_the_login_and_the_next_one_carries_the_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    feed = SimFeed("k", rate=40, seed=3)
+    port = await feed.start("127.0.0.1", 0)
+    rec = Recorder()
+    frames = 0
+    send = ClientConnection.send
+
+    async def send_failing_the_first_resend(self: ClientConnection, message: Any) -> None:
+        nonlocal frames
+        frames += 1
+        if frames == 2:  # the login frame that applies the change
+            raise ConnectionClosedError(None, None)
+        await send(self, message)
+
+    monkeypatch.setattr(ClientConnection, "send", send_failing_the_first_resend)
+    session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["EURUSD"],
+                                Hooks(rec.quote, rec.status), backoff=Backoff(0.05, 0.5))
+    try:
+        async with session_running(session):
+            await eventually(lambda: "EURUSD" in rec.seen(0))
+            changed = time.monotonic()
+            session.change(frozenset({"EURUSD", "USDJPY"}))
+            applied = await eventually(lambda: "USDJPY" in rec.seen(changed))
+    finally:
+        await feed.close()
+    print(f"\nfailed resend: new login streaming the changed set {applied:.2f}s after the change")
+    assert frames == 3 and applied < 5.0
 
 
 @pytest.fixture
