@@ -127,13 +127,18 @@ class TraderMadeSession(Supervised):
             self._pending[symbol] = math.inf
         self._resend.set()
 
-    def _arm(self, every: bool) -> None:
-        """Start the first-quote deadline of the pending symbols just asked for (`every`: all of
-        them, after a login: the time without a connection does not count)."""
-        deadline = asyncio.get_running_loop().time() + self._first_quote
+    def _arm(self, login: bool) -> None:
+        """Start the first-quote deadline of the pending symbols just asked for. The deadline is
+        not restarted by a new login: a session of symbols the feed lacks is silent and logs in
+        again each silence timeout, for ever. A login only grants half a silence timeout to
+        quote, so a symbol whose deadline passed during an outage gets a chance on the new link."""
+        now = asyncio.get_running_loop().time()
+        grace = now + min(self._first_quote, self._silence) / 2
         for symbol, at in self._pending.items():
-            if every or at == math.inf:
-                self._pending[symbol] = deadline
+            if at == math.inf:
+                self._pending[symbol] = now + self._first_quote
+            elif login:
+                self._pending[symbol] = max(at, grace)
 
     def _login(self) -> str:
         return login_frame(self._user_key, sorted(self._symbols))
@@ -153,7 +158,7 @@ class TraderMadeSession(Supervised):
             self._resend.clear()
             self._streaming.clear()
             await ws.send(self._login())
-            self._arm(every=True)
+            self._arm(login=True)
             self._logged_in(url)
             watchdog = asyncio.create_task(self._watch_silence(ws.transport.abort))
             tasks = (watchdog, asyncio.create_task(self._resend_changes(ws)),
@@ -178,13 +183,13 @@ class TraderMadeSession(Supervised):
             self._resend.clear()
             self._streaming &= self._symbols
             await ws.send(self._login())
-            self._arm(every=False)
+            self._arm(login=False)
 
     async def _expire_pending(self) -> None:
         """Report `unknown` for each symbol whose first-quote deadline passed without a quote."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(1.0, self._first_quote / 4))
+            await asyncio.sleep(min(1.0, self._first_quote / 4, self._silence / 4))
             now = loop.time()
             for symbol in sorted(s for s, at in self._pending.items() if at <= now):
                 del self._pending[symbol]

@@ -147,6 +147,30 @@ async def test_tradermade_symbol_never_quoted_is_unknown_after_the_first_quote_d
     assert ("EURUSD", "unknown") not in rec.statuses and carried == [["EURUSD", "GBPUSD"]]
 
 
+async def test_tradermade_session_of_only_uncarried_symbols_reports_them_across_its_relogins() -> None:
+    feed = SimFeed("k", rate=40, seed=3, notify_unknown=False)
+    port = await feed.start("127.0.0.1", 0)
+    rec = Recorder()
+    logins = 0
+
+    def link() -> None:
+        nonlocal logins
+        logins += session.up
+
+    # Nothing ever comes: the link goes silent and logs in again every 0.4 s, inside the deadline.
+    session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["NOSUCH"],
+                                Hooks(rec.quote, rec.status, link), silence_timeout=0.4,
+                                first_quote_timeout=1.0, backoff=Backoff(0.05, 0.1))
+    try:
+        async with session_running(session):
+            told = await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses)
+    finally:
+        await feed.close()
+    print(f"\nonly-uncarried session: unknown {told:.2f}s after start, after {logins} logins "
+          f"(deadline 1.0s, silence 0.4s)")
+    assert 0.9 <= told < 5.0 and logins >= 2
+
+
 async def test_tradermade_failed_resend_ends_the_login_and_the_next_one_carries_the_change(
         monkeypatch: pytest.MonkeyPatch) -> None:
     feed = SimFeed("k", rate=40, seed=3)
