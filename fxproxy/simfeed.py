@@ -2,6 +2,8 @@
 
 Besides the feed, two plain HTTP GETs for tests: `/sessions` (each logged-in connection and its
 symbols, as JSON) and `/stall?symbol=EURUSD` (the connection carrying it goes silent, open).
+Also for tests: `notify_unknown=False` ignores symbols outside the catalogue without a word, as
+the real feed does; a symbol in `quiet` is carried but not quoted (a market that stopped moving).
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class Walk:
 
 class SimFeed:
     def __init__(self, key: str, rate: float, max_connections: int = 0, seed: int | None = None,
-                 max_symbols: int = 0) -> None:
+                 max_symbols: int = 0, notify_unknown: bool = True) -> None:
         self._key = key
+        self._notify_unknown = notify_unknown
+        self.quiet: set[str] = set()
         self._rate = rate
         self._max_connections = max_connections
         self._max_symbols = max_symbols
@@ -140,7 +144,7 @@ class SimFeed:
             await ws.send(f"Too many symbols: at most {self._max_symbols} per connection")
             await ws.close(1008, "symbol limit")
             return False
-        if unknown:
+        if unknown and self._notify_unknown:
             await ws.send(UNKNOWN_PREFIX + ",".join(unknown))
         client.symbols = carried
         return True
@@ -175,7 +179,7 @@ class SimFeed:
         next_at = loop.time()
         i = 0
         while True:
-            symbols = client.symbols
+            symbols = [s for s in client.symbols if s not in self.quiet] if self.quiet else client.symbols
             if not symbols or client.stalled:
                 await asyncio.sleep(0.05)
                 next_at = loop.time()

@@ -3,7 +3,9 @@
 every call, at most 50 registered symbols, errors as {"Code": ..., "Message": ...}.
 
 For tests: `token_ttl` ends the token like the early-morning forced logout (registrations are
-dropped and push sockets closed); GET /_sim/status says what it holds; POST /_sim/logout logs out.
+dropped and push sockets closed); GET /_sim/status says what it holds; POST /_sim/logout logs out;
+`register_elsewhere()` puts another app's symbols on the list; a symbol in `unlisted` is accepted
+by PUT /register but left out of its RegistList.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hmac
 import logging
 import random
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -115,6 +118,7 @@ class SimKabu:
         self.tokens_issued = 0
         self.logouts = 0
         self.registered: list[str] = []
+        self.unlisted: set[str] = set()
         self._sockets: set[web.WebSocketResponse] = set()
         self._expires_at = 0.0
         self._runner: web.AppRunner | None = None
@@ -192,7 +196,7 @@ class SimKabu:
             return symbols
         if any(s not in self._boards for s in symbols):
             return _error(400, SYMBOL_NOT_FOUND, "銘柄が見つからない")
-        new = [s for s in dict.fromkeys(symbols) if s not in self.registered]
+        new = [s for s in dict.fromkeys(symbols) if s not in self.registered and s not in self.unlisted]
         if len(self.registered) + len(new) > self._max_symbols:
             log.info("refused a registration over the limit",
                      extra={"registered": len(self.registered), "asked": len(new)})
@@ -200,6 +204,10 @@ class SimKabu:
         self.registered += new
         log.info("registered", extra={"symbols": new, "registered": len(self.registered)})
         return self._regist_list()
+
+    def register_elsewhere(self, symbols: Iterable[str]) -> None:
+        """Another app's registrations: the list is kabuステーション's, so they count toward its limit."""
+        self.registered += [s for s in dict.fromkeys(symbols) if s not in self.registered]
 
     async def _unregister(self, request: web.Request) -> web.Response:
         symbols = await self._symbols(request)

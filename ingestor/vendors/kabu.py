@@ -92,7 +92,12 @@ def check(status: int, body: bytes) -> Any:
 def parse_token(obj: Any) -> str:
     token = obj.get("Token") if isinstance(obj, dict) else None
     if not isinstance(token, str) or not token or obj.get("ResultCode", 0) != 0:
-        raise VendorError(f"no token in the answer: {str(obj)[:120]}")
+        # The error is logged: name the answer's ResultCode and Message, never its Token.
+        result = obj.get("ResultCode") if isinstance(obj, dict) else None
+        message = obj.get("Message") if isinstance(obj, dict) else None
+        said = f", Message {str(message)[:120]!r}" if message is not None else ""
+        raise VendorError(f"no token in the answer (ResultCode {str(result)[:20]}{said})",
+                          result if isinstance(result, int) and not isinstance(result, bool) else None)
     return token
 
 
@@ -184,6 +189,7 @@ class KabuSession(Supervised):
         self._token = ""
         self._registered: set[str] = set()  # ours on kabuステーション's list
         self._refused: set[str] = set()  # not in its catalogue: never asked for again
+        self._fresh = True  # no login yet: the list may hold registrations nobody reads any more
         self._apply = asyncio.Event()
 
     def _changed(self, old: frozenset[str]) -> None:
@@ -199,6 +205,8 @@ class KabuSession(Supervised):
             self._registered -= self._symbols
             self._apply.clear()
             await self._new_token()
+            if self._fresh:
+                await self._clear_stale()
             await self._reconcile()
             # Board pushes come only on a change, and a quiet stock may not change for minutes:
             # liveness is the socket's pings (a pong missing for half the interval closes it).
@@ -236,6 +244,15 @@ class KabuSession(Supervised):
         self._token = parse_token(await self._request("POST", "/token", token_body(self._password),
                                                       auth=False))
 
+    async def _clear_stale(self) -> None:
+        """Empty the list once per session: what an earlier owner of this kabuステーション left
+        (another app, a crashed or failed-over ingestor, a pool slot closed by cancel) would
+        otherwise hold places of the 50 until the early-morning logout."""
+        listed = parse_registered(await self._authorized("PUT", "/unregister/all", b""))
+        self._registered &= listed
+        self._fresh = False
+        log.info("kabu registrations cleared", extra={"session": self.label, "left": len(listed)})
+
     async def _apply_changes(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Apply each change; a failed one ends the session (closing its socket ends the reader)."""
         try:
@@ -248,7 +265,8 @@ class KabuSession(Supervised):
             raise
 
     async def _reconcile(self) -> None:
-        """Register what the set gained, unregister what it lost."""
+        """Register what the set gained, unregister what it lost. What finds the list full is
+        reported `capacity` and asked for again at the next change."""
         wanted = set(self._symbols) - self._refused
         gone = self._registered - wanted
         if gone:
@@ -257,29 +275,50 @@ class KabuSession(Supervised):
         new = wanted - self._registered
         if not new:
             return
+        full: set[str] = set()
         try:
             listed = parse_registered(await self._authorized("PUT", "/register", symbols_body(new)))
         except VendorError as exc:
-            if exc.code != SYMBOL_NOT_FOUND:
+            if exc.code not in (SYMBOL_NOT_FOUND, REGISTER_LIMIT):
                 raise
-            # One unknown symbol fails the whole request, and the answer does not say which.
-            listed = await self._register_one_by_one(new)
-        for symbol in sorted(new & listed):
+            # Either fails the whole request and the answer does not say which symbol: asked one
+            # at a time, what fits is kept and only the rest waits for room (no new login: it
+            # would find the list as full as now).
+            listed, full = await self._register_one_by_one(new)
+        added = new & listed
+        for symbol in sorted(added):
             self._hooks.on_status(symbol, "streaming")
-        self._registered |= new & listed
+        for symbol in sorted(full):
+            self._hooks.on_status(symbol, "capacity")
+        for symbol in sorted(new - listed - full - self._refused):
+            # Accepted without an error yet not on the list: nothing will come for it.
+            log.warning("kabu symbol left out of the registration list",
+                        extra={"symbol": symbol, "session": self.label})
+            self._hooks.on_status(symbol, "unknown")
+        self._registered |= added
 
-    async def _register_one_by_one(self, symbols: set[str]) -> set[str]:
+    async def _register_one_by_one(self, symbols: set[str]) -> tuple[set[str], set[str]]:
+        """The list after registering `symbols` one at a time, and those there was no room for."""
         listed: set[str] = set()
+        full: set[str] = set()
         for symbol in sorted(symbols):
+            if full:
+                full.add(symbol)  # the list is full: asking again would only be refused again
+                continue
             try:
                 listed = parse_registered(await self._authorized("PUT", "/register", symbols_body([symbol])))
             except VendorError as exc:
+                if exc.code == REGISTER_LIMIT:
+                    log.warning("kabu registration list full", extra={
+                        "symbol": symbol, "session": self.label, "registered": len(self._registered)})
+                    full.add(symbol)
+                    continue
                 if exc.code != SYMBOL_NOT_FOUND:
                     raise
                 log.warning("kabu symbol not found", extra={"symbol": symbol, "session": self.label})
                 self._refused.add(symbol)
                 self._hooks.on_status(symbol, "unknown")
-        return listed
+        return listed, full
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:

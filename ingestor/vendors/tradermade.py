@@ -6,6 +6,7 @@ Sans-I/O part (login frame, tick and notice parsing) first, then the session dri
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
 
@@ -18,9 +19,14 @@ from ingestor.vendors.base import Hooks
 from ingestor.vendors.supervise import Supervised, UpstreamSilent
 from shared.tick import Quote, is_symbol
 
+log = logging.getLogger("fxproxy.ingestor.tradermade")
+
 GREETING = "Connected"
-# What the feed says after a login naming symbols it does not carry (the simulator says it too).
+# What the simulator says after a login naming symbols it does not carry. The real feed says
+# nothing: a symbol that has not quoted within FIRST_QUOTE_MIN (or 3 silence timeouts, if longer)
+# of being asked for is taken as not carried, so it does not hold a session's place for ever.
 UNKNOWN_PREFIX = "Unknown symbols: "
+FIRST_QUOTE_MIN = 15.0
 
 
 class MalformedMessage(ValueError):
@@ -82,7 +88,8 @@ def parse_message(raw: str | bytes) -> Quote | None:
 
 class TraderMadeSession(Supervised):
     """One TraderMade-style connection. A new symbol set is sent as a fresh login frame on the open
-    connection, so the symbols that stay keep streaming."""
+    connection, so the symbols that stay keep streaming. A symbol that never quotes within the
+    first-quote deadline of being added is reported `unknown`."""
 
     errors = (OSError, TimeoutError, WebSocketException, UpstreamSilent)
 
@@ -99,6 +106,7 @@ class TraderMadeSession(Supervised):
         open_timeout: float = 10.0,
         connected: asyncio.Event | None = None,
         label: str = "0",
+        first_quote_timeout: float | None = None,
     ) -> None:
         super().__init__(urls, symbols, hooks, silence_timeout=silence_timeout, backoff=backoff,
                          open_timeout=open_timeout, connected=connected, label=label)
@@ -106,9 +114,31 @@ class TraderMadeSession(Supervised):
         self._headers = dict(headers or {})
         self._resend = asyncio.Event()
         self._streaming: set[str] = set()  # symbols this login has delivered (reported once)
+        self._first_quote = (first_quote_timeout if first_quote_timeout is not None
+                             else max(FIRST_QUOTE_MIN, 3 * silence_timeout))
+        # Symbols that have not quoted on this session since they were added, and when they are
+        # given up on (infinity until a login frame has asked for them).
+        self._pending: dict[str, float] = dict.fromkeys(self._symbols, math.inf)
 
     def _changed(self, old: frozenset[str]) -> None:
+        for symbol in old - self._symbols:
+            self._pending.pop(symbol, None)
+        for symbol in self._symbols - old:
+            self._pending[symbol] = math.inf
         self._resend.set()
+
+    def _arm(self, login: bool) -> None:
+        """Start the first-quote deadline of the pending symbols just asked for. The deadline is
+        not restarted by a new login: a session of symbols the feed lacks is silent and logs in
+        again each silence timeout, for ever. A login only grants half a silence timeout to
+        quote, so a symbol whose deadline passed during an outage gets a chance on the new link."""
+        now = asyncio.get_running_loop().time()
+        grace = now + min(self._first_quote, self._silence) / 2
+        for symbol, at in self._pending.items():
+            if at == math.inf:
+                self._pending[symbol] = now + self._first_quote
+            elif login:
+                self._pending[symbol] = max(at, grace)
 
     def _login(self) -> str:
         return login_frame(self._user_key, sorted(self._symbols))
@@ -128,16 +158,24 @@ class TraderMadeSession(Supervised):
             self._resend.clear()
             self._streaming.clear()
             await ws.send(self._login())
+            self._arm(login=True)
             self._logged_in(url)
             watchdog = asyncio.create_task(self._watch_silence(ws.transport.abort))
-            resender = asyncio.create_task(self._resend_changes(ws))
+            tasks = (watchdog, asyncio.create_task(self._resend_changes(ws)),
+                     asyncio.create_task(self._expire_pending()), asyncio.create_task(self._read(ws)))
             try:
-                await self._read(ws)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                watchdog.cancel()
-                resender.cancel()
-            if watchdog.done() and not watchdog.cancelled() and watchdog.exception():
+                for task in tasks:
+                    task.cancel()
+                # Every outcome retrieved here; the one that ended the link is raised below.
+                ended = await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(ended[0], Exception):
                 raise UpstreamSilent(f"no data for {self._silence:g}s")
+            # A failed send (resender) or a broken link (reader): the first that is not a cancel.
+            failed = [e for e in ended[1:] if isinstance(e, Exception)]
+            if failed:
+                raise failed[0]
 
     async def _resend_changes(self, ws: ClientConnection) -> None:
         while True:
@@ -145,6 +183,19 @@ class TraderMadeSession(Supervised):
             self._resend.clear()
             self._streaming &= self._symbols
             await ws.send(self._login())
+            self._arm(login=False)
+
+    async def _expire_pending(self) -> None:
+        """Report `unknown` for each symbol whose first-quote deadline passed without a quote."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self._first_quote / 4, self._silence / 4))
+            now = loop.time()
+            for symbol in sorted(s for s, at in self._pending.items() if at <= now):
+                del self._pending[symbol]
+                log.warning("no first quote: taken as not carried", extra={
+                    "symbol": symbol, "seconds": self._first_quote, "session": self.label})
+                self._hooks.on_status(symbol, "unknown")
 
     async def _read(self, ws: ClientConnection) -> None:
         async for raw in ws:
@@ -159,8 +210,10 @@ class TraderMadeSession(Supervised):
                 text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
                 for symbol in unknown_symbols(text):
                     if symbol in self._symbols:
+                        self._pending.pop(symbol, None)
                         self._hooks.on_status(symbol, "unknown")
                 continue
+            self._pending.pop(quote.symbol, None)
             if quote.symbol not in self._streaming and quote.symbol in self._symbols:
                 self._streaming.add(quote.symbol)
                 self._hooks.on_status(quote.symbol, "streaming")

@@ -8,15 +8,21 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosedError
 
 from fxproxy.simfeed import SimFeed
 from fxproxy.simkabu import SimKabu
+from ingestor.backoff import Backoff
 from ingestor.pool import UpstreamPool
+from ingestor.vendors.base import Hooks
 from ingestor.vendors.kabu import REGISTER_LIMIT, SYMBOL_NOT_FOUND, TOKEN_MISMATCH, WRONG_PASSWORD
+from ingestor.vendors.tradermade import TraderMadeSession
 from shared.settings import IngestorSettings
 from shared.tick import Quote
 
@@ -105,6 +111,96 @@ async def test_tradermade_symbol_outside_the_catalogue_is_unknown_and_loses_its_
         await feed.close()
 
 
+@contextlib.asynccontextmanager
+async def session_running(session: TraderMadeSession) -> AsyncIterator[TraderMadeSession]:
+    task = asyncio.create_task(session.run())
+    try:
+        yield session
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_tradermade_symbol_never_quoted_is_unknown_after_the_first_quote_deadline() -> None:
+    feed = SimFeed("k", rate=40, seed=3, notify_unknown=False)  # the real feed's silence
+    port = await feed.start("127.0.0.1", 0)
+    rec = Recorder()
+    session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["EURUSD", "GBPUSD"],
+                                Hooks(rec.quote, rec.status), first_quote_timeout=0.5)
+    try:
+        async with session_running(session):
+            await eventually(lambda: rec.seen(0) == {"EURUSD", "GBPUSD"})
+            feed.quiet.add("GBPUSD")  # quoted, then went quiet: not a symbol the feed lacks
+            session.change(frozenset({"EURUSD", "GBPUSD", "NOSUCH"}))
+            told = await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses)
+            quiet_since = time.monotonic()
+            await asyncio.sleep(1.5)  # three more deadlines
+            gbp_after = rec.seen(quiet_since) & {"GBPUSD"}
+            carried = [c.symbols for c in feed.clients]
+    finally:
+        await feed.close()
+    print(f"\nsilently ignored symbol reported unknown {told:.2f}s after it was added (deadline 0.5s)")
+    assert 0.4 <= told < 5.0
+    assert rec.statuses.count(("NOSUCH", "unknown")) == 1
+    assert not gbp_after and ("GBPUSD", "unknown") not in rec.statuses
+    assert ("EURUSD", "unknown") not in rec.statuses and carried == [["EURUSD", "GBPUSD"]]
+
+
+async def test_tradermade_session_of_only_uncarried_symbols_reports_them_across_its_relogins() -> None:
+    feed = SimFeed("k", rate=40, seed=3, notify_unknown=False)
+    port = await feed.start("127.0.0.1", 0)
+    rec = Recorder()
+    logins = 0
+
+    def link() -> None:
+        nonlocal logins
+        logins += session.up
+
+    # Nothing ever comes: the link goes silent and logs in again every 0.4 s, inside the deadline.
+    session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["NOSUCH"],
+                                Hooks(rec.quote, rec.status, link), silence_timeout=0.4,
+                                first_quote_timeout=1.0, backoff=Backoff(0.05, 0.1))
+    try:
+        async with session_running(session):
+            told = await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses)
+    finally:
+        await feed.close()
+    print(f"\nonly-uncarried session: unknown {told:.2f}s after start, after {logins} logins "
+          f"(deadline 1.0s, silence 0.4s)")
+    assert 0.9 <= told < 5.0 and logins >= 2
+
+
+async def test_tradermade_failed_resend_ends_the_login_and_the_next_one_carries_the_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    feed = SimFeed("k", rate=40, seed=3)
+    port = await feed.start("127.0.0.1", 0)
+    rec = Recorder()
+    frames = 0
+    send = ClientConnection.send
+
+    async def send_failing_the_first_resend(self: ClientConnection, message: Any) -> None:
+        nonlocal frames
+        frames += 1
+        if frames == 2:  # the login frame that applies the change
+            raise ConnectionClosedError(None, None)
+        await send(self, message)
+
+    monkeypatch.setattr(ClientConnection, "send", send_failing_the_first_resend)
+    session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["EURUSD"],
+                                Hooks(rec.quote, rec.status), backoff=Backoff(0.05, 0.5))
+    try:
+        async with session_running(session):
+            await eventually(lambda: "EURUSD" in rec.seen(0))
+            changed = time.monotonic()
+            session.change(frozenset({"EURUSD", "USDJPY"}))
+            applied = await eventually(lambda: "USDJPY" in rec.seen(changed))
+    finally:
+        await feed.close()
+    print(f"\nfailed resend: new login streaming the changed set {applied:.2f}s after the change")
+    assert frames == 3 and applied < 5.0
+
+
 @pytest.fixture
 async def kabu() -> AsyncIterator[tuple[SimKabu, str]]:
     sim = SimKabu("pw", rate=40, max_symbols=3, seed=5)
@@ -135,6 +231,50 @@ async def test_kabu_changes_are_register_and_unregister_on_one_token(kabu: tuple
     print(f"\n9433@1's longest pause through two registration changes and a token refusal: {pause:.3f}s")
     assert pause < 0.5
     assert sim.tokens_issued == 2
+
+
+async def test_kabu_full_list_is_capacity_for_the_rest_not_a_relogin_loop(kabu: tuple[SimKabu, str]) -> None:
+    sim, base = kabu
+    sim.register_elsewhere(["9984@1", "8035@1", "4063@1"])  # left by an earlier owner: list full
+    settings = IngestorSettings(upstream_dialect="kabu", upstream_urls=base,  # type: ignore[arg-type]
+                                upstream_key="pw", symbols="9433@1,7203@1",  # type: ignore[arg-type]
+                                backoff_initial=0.05)
+    rec = Recorder()
+    async with pool_running(settings, rec) as pool:
+        cleared = await eventually(lambda: rec.seen(0) == {"9433@1", "7203@1"})
+        assert sorted(sim.registered) == ["7203@1", "9433@1"]  # the stale three went at the first login
+        sim.register_elsewhere(["6758@1"])  # another app takes the last place of three
+        changed = time.monotonic()
+        pool.want(["9433@1", "7203@1", "8306@1"])
+        refused = await eventually(lambda: ("8306@1", "capacity") in rec.statuses)
+        await asyncio.sleep(1.0)  # long enough for a relogin loop at 0.05 s backoff to show
+        tokens = sim.tokens_issued
+        pause = rec.longest_pause({"9433@1", "7203@1"}, changed, time.monotonic())
+        assert sorted(sim.registered) == ["6758@1", "7203@1", "9433@1"]
+        # The other app leaves and 7203@1 is dropped: at the next change the waiting one gets in.
+        sim.registered.remove("6758@1")
+        pool.want(["9433@1", "8306@1"])
+        admitted = await eventually(lambda: "8306@1" in rec.seen(changed))
+    print(f"\nstale list cleared and streaming in {cleared:.2f}s; over the limit: capacity in "
+          f"{refused:.2f}s, {tokens} token(s) in all, longest pause of the registered two "
+          f"{pause:.3f}s; admitted {admitted:.2f}s after room was made")
+    assert tokens == 1
+    assert pause < 0.5
+    assert ("8306@1", "streaming") in rec.statuses
+
+
+async def test_kabu_symbol_missing_from_the_register_answer_is_unknown(kabu: tuple[SimKabu, str]) -> None:
+    sim, base = kabu
+    sim.unlisted = {"8306@1"}
+    settings = IngestorSettings(upstream_dialect="kabu", upstream_urls=base,  # type: ignore[arg-type]
+                                upstream_key="pw", symbols="9433@1,8306@1",  # type: ignore[arg-type]
+                                backoff_initial=0.05)
+    rec = Recorder()
+    async with pool_running(settings, rec) as pool:
+        told = await eventually(lambda: ("8306@1", "unknown") in rec.statuses and "9433@1" in rec.seen(0))
+        await eventually(lambda: pool.streamed() == {"9433@1"})
+    print(f"\na symbol the RegistList left out was reported unknown in {told:.2f}s")
+    assert ("9433@1", "streaming") in rec.statuses and sim.tokens_issued == 1
 
 
 async def test_kabu_simulator_answers_like_the_reference(kabu: tuple[SimKabu, str]) -> None:

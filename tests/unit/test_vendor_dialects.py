@@ -107,6 +107,17 @@ def test_kabu_requests_and_answers() -> None:
     assert push_url("https://h/kabusapi/") == "wss://h/kabusapi/websocket"
 
 
+def test_kabu_refused_token_answer_is_told_by_its_result_code_never_its_token() -> None:
+    with pytest.raises(VendorError) as info:
+        parse_token({"ResultCode": 4001013, "Token": "f5e3a1c0ffee", "Message": "APIパスワード不正"})
+    text = str(info.value)
+    assert "f5e3a1c0ffee" not in text and "Token" not in text
+    assert "4001013" in text and "APIパスワード不正" in text and info.value.code == 4001013
+    with pytest.raises(VendorError) as info:
+        parse_token({"ResultCode": 9, "Token": "f5e3a1c0ffee"})
+    assert "f5e3a1c0ffee" not in str(info.value) and "ResultCode 9" in str(info.value)
+
+
 def test_symbol_rule_accepts_code_at_exchange_and_forex_pairs() -> None:
     for good in ("9433@1", "165060019@2", "EURUSD", "XAUUSD", "BTCUSDT"):
         assert is_symbol(good), good
