@@ -85,12 +85,22 @@ class Publisher:
                     self._queue.extendleft(reversed(fresh))
                     metrics.PUBLISH_ERRORS.inc()
                     delay = backoff.next_delay()
-                    log.warning("publish failed", extra={"error": str(exc), "retry_s": round(delay, 2)})
-                    if fresh:
+                    away = {m.symbol for m in self._parked}
+                    if not away or any(m.symbol not in away for m in fresh):
+                        log.warning("publish failed", extra={"error": str(exc),
+                                                             "retry_s": round(delay, 2)})
                         await asyncio.sleep(delay)
-                    else:
-                        # Only the away shard's parked ticks were tried: fresh ticks may be for
-                        # live shards, so they end the wait rather than sit out the backoff.
+                        continue
+                    # The batch held only the symbols of a shard known to be away: that says
+                    # nothing of the live shards, so the next fresh ticks end the wait (soon,
+                    # not at once: at most one retry a PARTIAL_RETRY while nothing else works).
+                    now = time.monotonic()
+                    if now - warned_at >= WARN_INTERVAL:
+                        warned_at = now
+                        log.warning("publish failed: a shard is still away", extra={
+                            "error": str(exc), "parked": len(self._parked)})
+                    await asyncio.sleep(PARTIAL_RETRY)
+                    if len(self._queue) <= len(fresh):
                         await self._wait_for_ticks(delay)
                     continue
                 backoff.reset()
