@@ -166,3 +166,32 @@ async def test_hub_changes_racing_each_other_end_in_the_wanted_set() -> None:
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     assert commands.most_in_flight == 1 and took < 3.0
+
+
+class _SlotsReply:
+    def __init__(self, asked: list[tuple[str, int]], address: tuple[str, int]) -> None:
+        self._asked, self._address = asked, address
+
+    async def execute_command(self, *args: str) -> list[list[Any]]:
+        self._asked.append(self._address)
+        return [[0, 16383, [b"127.0.0.1", 7001, b"id"]]]
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_slot_map_is_asked_of_the_last_maps_primaries_first_with_a_short_connect() -> None:
+    asked: list[tuple[str, int]] = []
+    target = parse_redis_url("redis+cluster://127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102")
+    sub = ClusterSubscriber(target, NAMES, lambda s, d: None, lambda d: None, lambda up: None)
+    real = sub._client("127.0.0.1", 7100, timeout=2.0)
+    kwargs = real.connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (2.0, 2.0)
+    await real.aclose()
+    sub._client = lambda host, port, timeout: _SlotsReply(asked, (host, port))  # type: ignore[method-assign,assignment,return-value]
+    sub._slots = [(0, 16383, ("127.0.0.1", 7001))]  # the last map: its primary is not a seed
+    sub._seeds = [*target.nodes, ("127.0.0.1", 7001)]
+    for _ in range(10):
+        await sub._load_slots()
+    # The configured seeds (perhaps the ones that failed) are asked only if it does not answer.
+    assert asked == [("127.0.0.1", 7001)] * 10
