@@ -143,13 +143,17 @@ class Hub:
             self._on_bus.update(add)
             self._on_bus.difference_update(drop)
             if self.subscriber is not None:
-                try:
-                    if drop:
+                # Apart: a failed unsubscribe must not skip the subscribe (_on_bus lists `add`).
+                if drop:
+                    try:
                         await self.subscriber.unsubscribe(drop)
-                    if add:
+                    except Exception as exc:  # the subscriber resubscribes its whole set on reconnect
+                        log.warning("bus unsubscribe failed", extra={"error": repr(exc)})
+                if add:
+                    try:
                         await self.subscriber.subscribe(add)
-                except Exception as exc:  # the subscriber resubscribes its whole set on reconnect
-                    log.warning("bus subscription change failed", extra={"error": repr(exc)})
+                    except Exception as exc:
+                        log.warning("bus subscribe failed", extra={"error": repr(exc)})
             if not self._changed.is_set():
                 self._synced.set()
 

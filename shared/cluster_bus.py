@@ -21,6 +21,7 @@ because the meta shard lost `fx:{meta}:epoch` (the fence key expires after its T
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -79,7 +80,8 @@ return failed
 """
 
 
-_RELOAD_INTERVAL = 0.25  # seconds between slot map reloads while a shard is away
+_RELOAD_INTERVAL = 0.5  # seconds between slot map reloads while a shard is away
+_PUBLISH_TIMEOUT = 1.0  # socket and connect timeout of the publishing client, seconds
 
 
 def term_of(token: str) -> int:
@@ -98,9 +100,11 @@ class ClusterBus:
         self.client = cast(RedisCluster, connect(self.target, retries=3, socket_timeout=5.0))
         # Publishing has a client of its own that fails at once and works with the slots that are
         # served: the publisher retries what a shard that is away did not take, and redis-py's
-        # own retry (or its wait for full coverage) would hold up every shard.
-        self._publisher = cast(RedisCluster, connect(self.target, retries=0, socket_timeout=5.0,
-                                                     full_coverage=False))
+        # own retry (or its wait for full coverage) would hold up every shard. Short timeouts: a
+        # batch waits for its slowest shard, so a partitioned primary must not hold it for long.
+        self._publisher = cast(RedisCluster, connect(
+            self.target, retries=0, socket_timeout=_PUBLISH_TIMEOUT,
+            connect_timeout=_PUBLISH_TIMEOUT, full_coverage=False))
         self.names = names or Names(cluster=True)
         if not self.names.cluster:
             raise ValueError("a Redis Cluster bus needs cluster names (Names(cluster=True))")
@@ -108,6 +112,7 @@ class ClusterBus:
         self._fence_ttl_ms = max(1, int(fence_ttl * 1000))
         self._token = ""  # the newest lease token of ours seen while publishing
         self._reloaded_at = float("-inf")
+        self._reloading: asyncio.Task[None] | None = None
 
     async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
         token = await self._lease_token(fence) if fence else ""
@@ -135,15 +140,29 @@ class ClusterBus:
         if refused:
             log.warning("history refused ticks it already had", extra={"ticks": refused})
         if error is not None:
-            now = time.monotonic()
-            if now - self._reloaded_at >= _RELOAD_INTERVAL:
-                # The next publish reloads the slot map, to find a failed primary's replacement;
-                # at most this often, as a reload also fetches COMMAND (~100 KB) from a node.
-                self._reloaded_at = now
-                await self._publisher.aclose()
+            self._reload_slots()
             if len(unpublished) == len(by_symbol):
                 raise error
             raise PartlyPublished([m for m in messages if m.symbol in unpublished], error)
+
+    def _reload_slots(self) -> None:
+        """A fresh slot map, to find a failed primary's replacement; at most once an interval."""
+        now = time.monotonic()
+        if now - self._reloaded_at < _RELOAD_INTERVAL or (
+                self._reloading is not None and not self._reloading.done()):
+            return
+        self._reloaded_at = now
+        # In the background: while slots are unserved a reload asks every node, the away one too
+        # (up to its connect timeout), and the live shards' batches must not wait for that.
+        self._reloading = asyncio.create_task(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            # The slot map alone (CLUSTER SLOTS): closing the client would also drop the live
+            # shards' connections and fetch COMMAND (~100 KB) again on the next publish.
+            await self._publisher.nodes_manager.initialize()
+        except (RedisClusterException, RedisError, OSError) as exc:
+            log.info("slot map reload failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     async def _by_node(self, symbols: Collection[str]) -> list[list[str]]:
         """Symbols grouped by the primary that owns them, as far as the slot map knows."""
@@ -219,6 +238,10 @@ class ClusterBus:
         await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
 
     async def close(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloading
         await self._publisher.aclose()
         await self.client.aclose()
 

@@ -35,6 +35,8 @@ log = logging.getLogger("fxproxy.bus")
 
 Address = tuple[str, int]
 
+_TIMEOUT = 2.0  # seconds to connect to a node, and for a CLUSTER SLOTS reply
+
 
 class _Lost(Exception):
     """The generation's subscriptions no longer cover what they should."""
@@ -61,29 +63,51 @@ class ClusterSubscriber:
         self._leaving: set[bytes] = set()  # channels we asked to sunsubscribe
         self._symbol_of: dict[bytes, str] = {}
         self._control = names.control.encode()
+        # Every (s)subscribe, sunsubscribe and connection drop holds this: redis-py's PubSub
+        # is not safe for two commands at once (two first commands open two connections), and
+        # a change made between another's awaits would be undone or lost.
+        self._changing = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
         return self._connected
 
     async def subscribe(self, symbols: Collection[str]) -> None:
-        new = [s for s in symbols if s not in self._symbols]
-        self._symbols.update(new)
-        if new and self._connected:
-            await self._home_symbols(new)
+        self._symbols.update(symbols)
+        async with self._changing:
+            if self._connected:  # else the next repair subscribes them
+                await self._sync(home=True)
 
     async def unsubscribe(self, symbols: Collection[str]) -> None:
-        gone = [s for s in symbols if s in self._symbols]
-        self._symbols.difference_update(gone)
+        self._symbols.difference_update(symbols)
+        async with self._changing:
+            await self._sync(home=self._connected)
+
+    async def _sync(self, home: bool) -> None:
+        """Make what is subscribed match the wanted set; the caller holds `_changing`. Until
+        nothing differs: the hub may change the wanted set while a command is on its way."""
+        while not self._lost.is_set():
+            stale = [s for s in self._home if s not in self._symbols]
+            missing = [s for s in self._symbols if s not in self._home] if home else []
+            if not stale and not missing:
+                return
+            await self._leave(stale)
+            await self._home_symbols(missing)
+
+    async def _leave(self, symbols: Collection[str]) -> None:
         by_node: dict[Address, list[str]] = defaultdict(list)
-        for symbol in gone:
-            home = self._home.pop(symbol, None)
-            if home is not None and home in self._nodes:
-                by_node[home].append(self._names.tick_channel(symbol))
+        for symbol in symbols:
+            address = self._home.pop(symbol, None)
+            if address is not None:
+                by_node[address].append(self._names.tick_channel(symbol))
         for address, channels in by_node.items():
             for group in _by_slot(channels):
+                pubsub = self._nodes.get(address)
+                if pubsub is None:
+                    break  # its connection was dropped, and its subscriptions with it
                 self._leaving.update(c.encode() for c in group)
-                await self._guard(address, self._nodes[address].sunsubscribe(*group))
+                if not await self._guard(address, pubsub.sunsubscribe(*group)):
+                    break
 
     async def _home_symbols(self, symbols: Collection[str]) -> None:
         """Subscribe each symbol on the node that owns it now, as far as the slot map knows."""
@@ -102,8 +126,8 @@ class ClusterSubscriber:
                 if not await self._guard(address, pubsub.ssubscribe(*group)):
                     return
             for symbol in group_symbols:
-                if symbol in self._symbols:
-                    self._home[symbol] = address
+                # Even if the hub dropped it meanwhile: it is subscribed, and _sync unsubscribes it.
+                self._home[symbol] = address
 
     async def _guard(self, address: Address, call: Any) -> bool:
         try:
@@ -121,11 +145,13 @@ class ClusterSubscriber:
         try:
             while True:
                 try:
-                    await self._repair()
-                    if not self._lost.is_set():
-                        if not self._connected:
+                    async with self._changing:
+                        await self._repair()
+                        if not self._lost.is_set() and not self._connected:
+                            # Under the lock: a subscribe waiting for it then sees connected.
                             self._connected = True
                             self._on_state(True)
+                    if not self._lost.is_set():
                         delay = 0.1
                         await self._lost.wait()
                 except (RedisError, OSError, _Lost) as exc:
@@ -135,17 +161,20 @@ class ClusterSubscriber:
                     self._connected = False
                     self._on_state(False)
                 self._lost.clear()
-                await self._drop_broken()
+                async with self._changing:
+                    await self._drop_broken()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 # A short cap: one CLUSTER SLOTS an attempt, and the lost node's symbols are what
                 # waits for it while the other nodes deliver.
                 delay = min(delay * 2, 0.5)
         finally:
-            self._broken.update(self._nodes)
-            await self._drop_broken()
+            async with self._changing:
+                self._broken.update(self._nodes)
+                await self._drop_broken()
 
     async def _repair(self) -> None:
-        """A fresh slot map; the control channel and every symbol not subscribed where it lives."""
+        """A fresh slot map; the control channel and every symbol not subscribed where it lives.
+        The caller holds `_changing`."""
         await self._load_slots()
         for symbol, home in list(self._home.items()):
             if self._owner(self._names.tick_channel(symbol)) != home:
@@ -154,12 +183,7 @@ class ClusterSubscriber:
             address = random.choice(self._primaries())
             if await self._guard(address, self._pubsub_for(address).subscribe(self._names.control)):
                 self._control_at = address
-        # Until nothing is missing: the hub may subscribe more while this awaits.
-        while not self._lost.is_set():
-            missing = [s for s in self._symbols if s not in self._home]
-            if not missing:
-                return
-            await self._home_symbols(missing)
+        await self._sync(home=True)
 
     async def _drop_broken(self) -> None:
         for address in list(self._broken):
@@ -181,8 +205,13 @@ class ClusterSubscriber:
     async def _load_slots(self) -> None:
         """The slot map from the first seed that answers; learned primaries become seeds too."""
         errors: list[str] = []
-        for host, port in random.sample(self._seeds, len(self._seeds)):
-            client = self._client(host, port, timeout=2.0)
+        # The last map's primaries first: after a failover the configured seeds may be the
+        # ones that are away, and each costs up to a connect timeout.
+        primaries = self._primaries()
+        others = [a for a in self._seeds if a not in primaries]
+        for host, port in [*random.sample(primaries, len(primaries)),
+                           *random.sample(others, len(others))]:
+            client = self._client(host, port, timeout=_TIMEOUT)
             try:
                 reply = cast(list[list[Any]], await client.execute_command("CLUSTER SLOTS"))  # type: ignore[no-untyped-call]
             except (RedisError, OSError) as exc:
@@ -220,7 +249,8 @@ class ClusterSubscriber:
 
     def _client(self, host: str, port: int, timeout: float | None) -> Redis:
         # No retries: a reconnect inside redis-py would resubscribe without telling the hub.
-        return cast(Redis, connect(self._target.node_url(host, port), retries=0, socket_timeout=timeout))
+        return cast(Redis, connect(self._target.node_url(host, port), retries=0, socket_timeout=timeout,
+                                   connect_timeout=_TIMEOUT))
 
     async def _read(self, address: Address, pubsub: PubSub) -> None:
         try:

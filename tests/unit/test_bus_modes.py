@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from ingestor.publisher import PARTIAL_RETRY, Publisher
 from ingestor.sequencer import Sequencer
 from shared.bus import Message, PartlyPublished
-from shared.cluster_bus import term_of
+from shared.cluster_bus import ClusterBus, term_of
 from shared.names import Names
 from shared.redis_url import RedisTarget, connect, parse_redis_url
 from shared.tick import Quote
@@ -104,6 +104,14 @@ def test_cluster_names_put_a_symbol_in_one_slot_and_everything_else_in_another()
     assert all(name.startswith("p:{meta}:") for name in meta)
     meta_slots = {key_slot(k.encode()) for k in meta}
     assert len(symbol_slots) == 1 and len(meta_slots) == 1 and symbol_slots != meta_slots
+
+
+async def test_the_cluster_publish_client_gives_up_on_a_shard_within_a_second() -> None:
+    # A batch waits for its slowest shard: a partitioned primary must not hold it for long.
+    bus = ClusterBus("redis+cluster://127.0.0.1:1")
+    kwargs = bus._publisher.nodes_manager.connection_kwargs
+    assert kwargs["socket_timeout"] <= 1.0 and kwargs["socket_connect_timeout"] <= 1.0, kwargs
+    await bus.close()
 
 
 def test_term_of_a_lease_token() -> None:

@@ -174,6 +174,29 @@ async def test_reference_counts_and_bus_subscription_come_back_to_what_is_needed
     runner.cancel()
 
 
+async def test_a_failed_bus_unsubscribe_does_not_skip_the_subscribe_of_the_same_change() -> None:
+    class Bus:
+        def __init__(self) -> None:
+            self.symbols: set[str] = set()
+
+        async def subscribe(self, symbols: list[str]) -> None:
+            self.symbols.update(symbols)
+
+        async def unsubscribe(self, symbols: list[str]) -> None:
+            raise KeyError(("127.0.0.1", 7000))  # a node dropped between two slot groups
+
+    hub, bus = Hub(History()), Bus()
+    hub.subscriber = bus  # type: ignore[assignment]
+    hub.acquire(["EURUSD"])
+    runner = asyncio.create_task(hub.run())
+    await hub.synced()
+    hub.release(["EURUSD"])
+    hub.acquire(["GBPUSD"])  # one change: drop EURUSD (fails), add GBPUSD
+    await hub.synced()
+    runner.cancel()
+    assert "GBPUSD" in bus.symbols, bus.symbols
+
+
 async def test_a_max_rate_bucket_sends_the_latest_tick_at_most_that_often_framed_once() -> None:
     fast, slow_a, slow_b = Recorder(), Recorder(), Recorder()
     hub = await hub_with(History(), fast)
