@@ -10,7 +10,7 @@ A URL that cannot work raises ValueError with one line saying why, before anythi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
@@ -77,12 +77,12 @@ class RedisTarget:
     """What a bus URL names; `url` is kept for single mode, which redis-py parses itself."""
 
     mode: Mode
-    url: str
+    url: str = field(repr=False)  # may hold a password
     nodes: tuple[tuple[str, int], ...] = ()
     master: str = ""
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
 
     def node_url(self, host: str, port: int) -> str:
@@ -148,16 +148,14 @@ def _host_port(part: str, default: int, url: str) -> tuple[str, int]:
 
 
 def _redacted(url: str) -> str:
-    """The URL with any password replaced, for error messages and logs."""
+    """The URL with any password replaced and no query (`?password=` works too), for errors and logs."""
     scheme, sep, rest = url.partition("://")
+    rest, query, _ = rest.partition("?")
     userinfo, at, tail = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{tail}"
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:***@{tail}"
+    return f"{scheme}{sep}{rest}{'?...' if query else ''}"
 
-
-def redis_mode(url: str) -> Mode:
-    return parse_redis_url(url).mode
 
 
 def connect(url: str | RedisTarget, *, retries: int, socket_timeout: float | None,

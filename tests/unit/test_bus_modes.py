@@ -49,6 +49,7 @@ def test_good_urls_parse_to_their_mode(url: str, expected: RedisTarget) -> None:
     ("redis+sentinel://s1:26379", "name the Sentinel master"),
     ("redis+sentinel://s1:26379/m/x", "/DB (a number)"),
     ("redis+sentinel://u:hunter2@s1:26379", "name the Sentinel master"),
+    ("redis+sentinel://s1:26379?password=hunter2", "name the Sentinel master"),
 ])
 def test_bad_urls_fail_in_one_line_that_says_why(url: str, says: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -56,6 +57,11 @@ def test_bad_urls_fail_in_one_line_that_says_why(url: str, says: str) -> None:
     message = str(info.value)
     assert "\n" not in message and says in message
     assert "hunter2" not in message  # a password never reaches a log line
+
+
+def test_a_parsed_target_does_not_show_its_password() -> None:
+    target = parse_redis_url("redis+cluster://u:hunter2@a:7000,b:7001")
+    assert target.password == "hunter2" and "hunter2" not in repr(target)
 
 
 async def test_each_mode_gets_its_own_client_class() -> None:
