@@ -147,12 +147,12 @@ class Supervisor:
                     out.append((worker, os.waitstatus_to_exitcode(status)))
         return out
 
-    def _schedule_restart(self, worker: Worker, code: int) -> None:
+    def _schedule_restart(self, worker: Worker, code: int, why: str = "edge worker exited") -> None:
         now = time.monotonic()
         if now - worker.started >= STABLE_AFTER:
             worker.backoff = BACKOFF_FIRST
         worker.due = now + worker.backoff
-        log.warning("edge worker exited; restarting", extra={
+        log.warning(f"{why}; restarting", extra={
             "worker": f"w{worker.index}", "exit_code": code, "restart_in_s": worker.backoff})
         worker.backoff = min(BACKOFF_MAX, 2 * worker.backoff)
 
@@ -164,7 +164,11 @@ class Supervisor:
         group = WorkerGroup(worker.index, len(self.workers), self.state_dir, worker.edge_id)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN/ENOMEM, e.g. right after an OOM kill: try again later
+            self._schedule_restart(worker, -1, f"fork failed: {exc}")
+            return
         if pid == 0:
             self._child(settings, group)
         worker.pid, worker.started, worker.edge_id = pid, time.monotonic(), edge_id
@@ -178,10 +182,10 @@ class Supervisor:
             log.info("edge worker started", extra=extra)
 
     def _child(self, settings: EdgeSettings, group: WorkerGroup) -> NoReturn:
-        code = 1
-        os.close(self._lock)  # the supervisor's: its lock must end with the supervisor
-        lock = hold(self.state_dir)
-        try:
+        code, lock = 1, -1
+        try:  # from here on nothing may return into the supervisor's code (it would kill siblings)
+            os.close(self._lock)  # the supervisor's: its lock must end with the supervisor
+            lock = hold(self.state_dir)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -200,7 +204,8 @@ class Supervisor:
                       file=sys.stderr)
         finally:
             with contextlib.suppress(Exception):
-                leave(self.state_dir, lock)
+                if lock >= 0:
+                    leave(self.state_dir, lock)
                 logging.shutdown()
                 sys.stdout.flush()
                 sys.stderr.flush()

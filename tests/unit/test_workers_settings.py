@@ -6,10 +6,13 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from edge import workers as workers_module
+from edge.workers import Supervisor
 from edge.workgroup import WorkerGroup, forget_worker, ready_file
 from fxproxy.cli import main
 from fxproxy.config import ConfigError, load_settings
@@ -86,3 +89,20 @@ def test_the_supervisor_forgets_only_the_worker_that_exited(tmp_path: Path) -> N
     assert ready_file(tmp_path, 0).exists()
     forget_worker(tmp_path, 0, os.getpid())
     assert not ready_file(tmp_path, 0).exists()
+
+
+def test_a_fork_that_fails_is_retried_later_instead_of_ending_the_supervisor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # EAGAIN/ENOMEM right after an OOM kill must not take the other workers down with it.
+    supervisor = Supervisor(EdgeSettings(port=18080, workers=2, edge_id="e"), lambda s, g: 0)
+    supervisor.state_dir = tmp_path
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    worker = supervisor.workers[0]
+    before = time.monotonic()
+    supervisor._start(worker)
+    assert worker.pid == 0 and worker.starts == 0
+    assert worker.due >= before + workers_module.BACKOFF_FIRST  # started again after the backoff
