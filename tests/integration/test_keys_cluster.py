@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
 import time
@@ -11,10 +10,10 @@ from typing import cast
 
 import pytest
 import redis
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from tests.conftest import Cluster
-from tests.support.client import open_native, recv_json, send_json
+from tests.support.client import closed_code, open_native, recv_json, send_json
 
 pytestmark = pytest.mark.integration
 
@@ -67,13 +66,7 @@ async def test_revoked_key_closes_live_connections_on_every_edge_within_1s(clust
     started = time.monotonic()
     assert keys_cli(cluster.redis_url, "revoke", "carol").returncode == 0
     revoked_at = time.monotonic()
-
-    async def closed_code(ws: object) -> int | None:
-        with contextlib.suppress(ConnectionClosed):
-            await asyncio.wait_for(ws.wait_closed(), 3)  # type: ignore[attr-defined]
-        return ws.close_code  # type: ignore[attr-defined, no-any-return]
-
-    codes = await asyncio.gather(*(closed_code(ws) for ws in conns))
+    codes = await asyncio.gather(*(closed_code(ws, 3) for ws in conns))
     assert codes == [4003, 4003, 4003]
     assert time.monotonic() - revoked_at < 1.0, f"took {time.monotonic() - started:.2f}s incl. CLI"
     with pytest.raises(InvalidStatus) as info:

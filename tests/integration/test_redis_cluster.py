@@ -11,7 +11,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from fxproxy.simfeed import PAIRS
 from shared.bus import Message
@@ -20,7 +20,15 @@ from shared.names import Names
 from tests.conftest import API_KEY, Cluster, StartProc
 from tests.integration.test_keys_cluster import create_key, keys_cli
 from tests.support.bus_rig import BusRig
-from tests.support.client import assert_no_gaps, live_ticks, open_native, recv_json, send_json, until
+from tests.support.client import (
+    assert_no_gaps,
+    closed_code,
+    live_ticks,
+    open_native,
+    recv_json,
+    send_json,
+    until,
+)
 from tests.support.redis_cluster import RedisCluster, command
 
 pytestmark = pytest.mark.integration
@@ -120,13 +128,7 @@ async def test_keys_limits_and_revocation_work_on_a_cluster(
     assert len(meta) == 1
     assert keys_cli(url, "revoke", "carol").returncode == 0
     revoked_at = time.monotonic()
-
-    async def closed_code(ws: object) -> int | None:
-        with contextlib.suppress(ConnectionClosed):
-            await asyncio.wait_for(ws.wait_closed(), 3)  # type: ignore[attr-defined]
-        return ws.close_code  # type: ignore[attr-defined, no-any-return]
-
-    codes = await asyncio.gather(*(closed_code(ws) for ws in conns))
+    codes = await asyncio.gather(*(closed_code(ws, 3) for ws in conns))
     took = time.monotonic() - revoked_at
     print(f"\nrevocation over the control channel closed both edges' connections in {took:.2f}s")
     assert codes == [4003, 4003]

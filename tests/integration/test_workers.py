@@ -7,7 +7,6 @@ holds the server end of the client's TCP connection (tests/support/workers.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -22,11 +21,11 @@ from pathlib import Path
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from tests.conftest import API_KEY, Cluster
 from tests.integration.test_keys_cluster import create_key
-from tests.support.client import live_ticks, open_native, recv_json, send_json
+from tests.support.client import closed_code, live_ticks, open_native, recv_json, send_json
 from tests.support.procs import Proc, metric
 from tests.support.workers import alive, children, raw_upgrade, serving_pid, wait_children
 
@@ -70,12 +69,6 @@ async def connect_many(port: int, n: int, pids: set[int], key: str = API_KEY,
 async def pong(ws: ClientConnection) -> bool:
     await send_json(ws, {"op": "ping", "id": 7})
     return (await recv_json(ws)) == {"type": "pong", "id": 7}
-
-
-async def closed_code(ws: ClientConnection, timeout: float = 10.0) -> int | None:
-    with contextlib.suppress(ConnectionClosed, TimeoutError):
-        await asyncio.wait_for(ws.wait_closed(), timeout)
-    return ws.close_code
 
 
 async def test_two_workers_serve_ticks_from_both_and_metrics_add_them_up(cluster: Cluster) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 
 async def open_native(port: int, key: str | None, host: str = "127.0.0.1",
@@ -57,3 +59,10 @@ def assert_no_gaps(ticks: list[dict[str, Any]]) -> None:
         if sym in last:
             assert seq == last[sym] + 1, f"{sym}: seq {last[sym]} then {seq}"
         last[sym] = seq
+
+
+async def closed_code(ws: ClientConnection, timeout: float = 10.0) -> int | None:
+    """The server's close code once the connection is closed (None if it stays open)."""
+    with contextlib.suppress(ConnectionClosed, TimeoutError):
+        await asyncio.wait_for(ws.wait_closed(), timeout)
+    return ws.close_code
