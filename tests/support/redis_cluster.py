@@ -50,6 +50,31 @@ def command(port: int, *args: str, timeout: float = 2.0) -> str:
         return b"".join(chunks).decode(errors="replace")
 
 
+def wait_ping(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 10) -> None:
+    """Until the process on `port` answers PING; RuntimeError (with its log's tail) if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process on {port} exited: {log.read_text()[-500:]}")
+        try:
+            if command(port, "PING", timeout=0.5).startswith("+PONG"):
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing answered PING on {port} within {timeout} s")
+
+
+def end_all(procs: dict[int, subprocess.Popen[bytes]], directory: Path) -> None:
+    """kill -9 every process still running, then remove their directory."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    procs.clear()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 class RedisCluster:
     """`node_timeout_ms` is cluster-node-timeout: how long a dead primary takes to be failed over."""
 
@@ -95,7 +120,7 @@ class RedisCluster:
             port = self.ports[index]
             self._spawn(port)
             try:
-                self._wait_ping(port)
+                wait_ping(self.procs[port], port, self.dir / str(port) / "redis.log")
                 return
             except RuntimeError as exc:
                 if "Address already in use" not in str(exc) or attempt == attempts - 1:
@@ -116,21 +141,6 @@ class RedisCluster:
              "--cluster-require-full-coverage", "no",
              "--logfile", str(node_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def _wait_ping(self, port: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            proc = self.procs[port]
-            if proc.poll() is not None:
-                log = (self.dir / str(port) / "redis.log").read_text()[-500:]
-                raise RuntimeError(f"redis-server on {port} exited: {log}")
-            try:
-                if command(port, "PING", timeout=0.5).startswith("+PONG"):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on {port} did not answer PING within {timeout} s")
 
     def alive(self) -> list[int]:
         return [p for p, proc in self.procs.items() if proc.poll() is None]
@@ -196,9 +206,4 @@ class RedisCluster:
             command(port, "FLUSHALL")
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        self.procs.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        end_all(self.procs, self.dir)

@@ -7,7 +7,6 @@ kill -9 is failed over within about 2-3 s. close() ends exactly its processes an
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from .debian import find_or_install
 from .ports import free_port
-from .redis_cluster import command
+from .redis_cluster import command, end_all, wait_ping
 from .redis_server import find_redis_server
 
 __all__ = ["RedisSentinel", "find_redis_sentinel"]
@@ -85,27 +84,13 @@ class RedisSentinel:
             self.procs[port] = subprocess.Popen([*argv(port), "--logfile", str(self.dir / f"{port}.log")],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                self._wait_ping(port)
+                wait_ping(self.procs[port], port, self.dir / f"{port}.log")
                 return port
             except RuntimeError as exc:
                 if "Address already in use" not in str(exc) or attempt == attempts - 1:
                     raise
                 del self.procs[port]
         raise AssertionError("unreachable")
-
-    def _wait_ping(self, port: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[port].poll() is not None:
-                raise RuntimeError(f"process on {port} exited: "
-                                   f"{(self.dir / f'{port}.log').read_text()[-500:]}")
-            try:
-                if command(port, "PING", timeout=0.5).startswith("+PONG"):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"nothing answered PING on {port} within {timeout} s")
 
     def wait_replicas_known(self, timeout: float) -> None:
         """Until every sentinel knows every replica and its fellow sentinels (failover needs both)."""
@@ -158,9 +143,4 @@ class RedisSentinel:
         raise TimeoutError(f"no new primary within {timeout} s")
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        self.procs.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        end_all(self.procs, self.dir)
