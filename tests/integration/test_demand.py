@@ -147,18 +147,23 @@ async def test_symbols_outside_the_globs_are_unknown_and_tradermade_clients_wait
     assert metric(metrics_port, GAUGE) in (STATIC, STATIC + 1)  # USDSEK within its grace, or gone
 
 
+async def refused_after_pending(ws: ClientConnection, symbol: str, id: int) -> tuple[dict[str, Any], float]:
+    """Subscribe to `symbol`, see it pending, then wait for its refusal: (error, seconds taken)."""
+    started = time.monotonic()
+    await send_json(ws, {"op": "subscribe", "symbols": [symbol], "id": id})
+    reply = await until(ws, lambda m: m.get("type") == "subscribed")
+    assert reply["pending"] == [symbol]
+    error = await until(ws, lambda m: m.get("type") == "error")
+    return error, time.monotonic() - started
+
+
 async def test_over_the_vendor_limits_the_pending_client_gets_capacity(cluster: Cluster) -> None:
     cluster.simfeed()
     # One session of five symbols: the static five fill it, so XAUUSD has no room.
     ingestor(cluster, FXPROXY_UPSTREAM_MAX_SYMBOLS=str(STATIC))
     _, port = cluster.edge()
     async with await streaming(port) as ws:
-        started = time.monotonic()
-        await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD"], "id": 3})
-        reply = await until(ws, lambda m: m.get("type") == "subscribed")
-        assert reply["pending"] == ["XAUUSD"]
-        error = await until(ws, lambda m: m.get("type") == "error")
-        took = time.monotonic() - started
+        error, took = await refused_after_pending(ws, "XAUUSD", 3)
         print(f"\ncapacity error at the client {took * 1000:.0f} ms after its subscribe")
         assert (error["code"], error["symbols"]) == ("capacity", ["XAUUSD"])
         assert took < 2.0
@@ -176,12 +181,7 @@ async def test_a_symbol_the_vendor_does_not_carry_is_unknown_to_the_pending_clie
     ingestor(cluster)
     _, port = cluster.edge()
     async with await streaming(port) as ws:
-        started = time.monotonic()
-        await send_json(ws, {"op": "subscribe", "symbols": ["ZZZUSD"], "id": 5})
-        reply = await until(ws, lambda m: m.get("type") == "subscribed")
-        assert reply["pending"] == ["ZZZUSD"]
-        error = await until(ws, lambda m: m.get("type") == "error")
-        took = time.monotonic() - started
+        error, took = await refused_after_pending(ws, "ZZZUSD", 5)
         print(f"\nvendor's unknown-symbol notice at the client {took * 1000:.0f} ms after its subscribe")
         assert (error["code"], error["symbols"]) == ("unknown_symbol", ["ZZZUSD"])
         assert took < 3.0
