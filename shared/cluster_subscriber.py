@@ -195,7 +195,7 @@ class ClusterSubscriber:
             pubsub = self._nodes.pop(address, None)
             if pubsub is not None:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             for symbol in [s for s, home in self._home.items() if home == address]:
                 del self._home[symbol]
             if self._control_at == address:

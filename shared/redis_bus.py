@@ -118,7 +118,7 @@ class RedisSubscriber:
 
 async def _close_quietly(pubsub: PubSub) -> None:
     with contextlib.suppress(RedisError, OSError):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 # One call per batch: for each tick PUBLISH it, append it to its symbol's capped history

@@ -180,7 +180,7 @@ def connect(url: str | RedisTarget, *, retries: int, socket_timeout: float | Non
                              retry=retry, require_full_coverage=full_coverage, **auth, **options)
     # The sentinels themselves are asked with the same short timeouts; each new connection
     # asks them where the primary is now, which is how a failover is followed.
-    sentinel = Sentinel(list(target.nodes), sentinel_kwargs={  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs={
         "socket_timeout": connect_timeout, "socket_connect_timeout": connect_timeout})
     client: Redis = sentinel.master_for(target.master, redis_class=_SentinelManaged, db=target.db,
                                         ssl=target.tls, retry=retry, retry_on_error=retry_on,
