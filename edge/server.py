@@ -140,12 +140,16 @@ class EdgeServer:
             log.warning("key reload failed", extra={"error": str(exc)})
             return
         conns = list(self.by_key.get(key_hash, ()))
-        for conn in conns:
-            if record is None or record.disabled:
+        if record is None or record.disabled:
+            for conn in conns:
                 conn.close(CloseCode.REVOKED, "key revoked")
-            else:
-                conn.commands.apply_record(record)
-        if record is None or record.disabled or record.max_connections <= 0 or self.auth.store is None:
+            if conns:
+                log.info("key revoked: connections closed",
+                         extra={"key": conns[0].session.key_name, "connections": len(conns)})
+            return
+        for conn in conns:
+            conn.commands.apply_record(record)
+        if record.max_connections <= 0 or self.auth.store is None:
             return
         # A lowered limit applies to live connections too: this edge closes its share of the
         # excess, newest first (the store decides the share atomically across edges).

@@ -10,6 +10,7 @@ from typing import cast
 
 import pytest
 import redis
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import Cluster
@@ -66,9 +67,17 @@ async def test_revoked_key_closes_live_connections_on_every_edge_within_1s(clust
     started = time.monotonic()
     assert keys_cli(cluster.redis_url, "revoke", "carol").returncode == 0
     revoked_at = time.monotonic()
-    codes = await asyncio.gather(*(closed_code(ws, 3) for ws in conns))
-    assert codes == [4003, 4003, 4003]
-    assert time.monotonic() - revoked_at < 1.0, f"took {time.monotonic() - started:.2f}s incl. CLI"
+
+    async def closed_after(ws: ClientConnection) -> tuple[int | None, float]:
+        code = await closed_code(ws, 3)
+        return code, time.monotonic() - revoked_at
+
+    closes = await asyncio.gather(*(closed_after(ws) for ws in conns))
+    assert [code for code, _ in closes] == [4003, 4003, 4003]
+    # Per connection, from the CLI's exit (it published the event before exiting); the edges'
+    # logs say when each acted on it.
+    took = [round(t, 2) for _, t in closes]
+    assert max(took) < 1.0, f"closed {took} s after the CLI exited ({revoked_at - started:.2f} s in it)"
     with pytest.raises(InvalidStatus) as info:
         await open_native(port1, key)
     assert info.value.response.status_code == 401
