@@ -23,7 +23,9 @@ class EdgeApp:
     def __init__(self, settings: EdgeSettings, bus: Bus, keystore: KeyStore | None,
                  demand: DemandStore | None = None, group: WorkerGroup | None = None) -> None:
         self.settings = settings
-        self.server = EdgeServer(settings, bus, Authenticator(keystore, settings.api_keys), demand)
+        # A worker's id was made unique by its supervisor; a lone edge makes its own.
+        self.server = EdgeServer(settings, bus, Authenticator(keystore, settings.api_keys), demand,
+                                 settings.edge_id if group is not None else "")
         self.group = group
         if group is not None:  # one of several workers: answer /readyz and /metrics for all
             server = self.server

@@ -30,11 +30,11 @@ log = logging.getLogger("fxproxy.edge")
 
 class EdgeServer:
     def __init__(self, settings: EdgeSettings, bus: Bus, auth: Authenticator,
-                 demand: DemandStore | None = None) -> None:
+                 demand: DemandStore | None = None, edge_id: str = "") -> None:
         self.settings = settings
         self.bus = bus
         self.auth = auth
-        self.edge_id = settings.resolved_edge_id()
+        self.edge_id = edge_id or settings.resolved_edge_id()
         self.hub = Hub(bus.history, settings.repair_timeout, settings.replay_limit)
         self.flusher = Flusher(settings.write_delay)
         self.handshakes = KeyedLimiter(settings.handshake_rate, settings.handshake_burst)

@@ -56,7 +56,8 @@ def parse_workers(value: Any) -> int:
 class EdgeSettings(CommonSettings):
     host: str = Field("0.0.0.0", description="Address the edge listens on")
     port: int = Field(8080, ge=0, le=65535, description="Port for WebSocket, health and metrics (0 = any)")
-    edge_id: str = Field("", description="Id of this edge in the cluster (default: host-pid-random)")
+    edge_id: str = Field("", description="Name of this edge in the cluster (default: the host name); "
+                         "each process adds a random suffix of its own")
     api_keys: CsvList = Field(
         default_factory=list, repr=False, description="Static API keys (dev only), comma-separated"
     )
@@ -134,7 +135,9 @@ class EdgeSettings(CommonSettings):
         return value
 
     def resolved_edge_id(self) -> str:
-        return self.edge_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        """The name plus a suffix of this process's own: a container restarted in place under
+        the same name must not take over the connection slots its dead predecessor held."""
+        return f"{self.edge_id or socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
 Dialect = Literal["tradermade", "kabu"]

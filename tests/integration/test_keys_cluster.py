@@ -127,6 +127,37 @@ async def test_connection_limit_counts_across_edges_and_frees_when_an_edge_dies(
     await d.close()
 
 
+async def test_an_edge_restarted_in_place_under_the_same_id_does_not_inherit_its_slots(
+    cluster: Cluster,
+) -> None:
+    # As a Kubernetes container restarted in its pod: same FXPROXY_EDGE_ID, the old process
+    # killed without releasing anything. Its slot must free with its heartbeat (3 x 0.3 s),
+    # not come back to life as the new process's own.
+    key = create_key(cluster.redis_url, "gina", "--max-connections", "1")
+    env = {"FXPROXY_EDGE_ID": "pod-0", "FXPROXY_HEARTBEAT_INTERVAL": "0.3"}
+    old, port = cluster.edge(**env)
+    held = await open_native(port, key)
+    old.kill()
+    await held.close()
+    _, port = cluster.edge(**env)
+    restarted_at = time.monotonic()
+    while True:
+        try:
+            ws = await open_native(port, key)
+            break
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 429
+            assert time.monotonic() - restarted_at < 6, "the dead process's slot was inherited"
+            await asyncio.sleep(0.1)
+    took = time.monotonic() - restarted_at
+    print(f"slot of the killed pod-0 free {took:.2f} s after the restart (heartbeat expiry 0.9 s)")
+    assert took < 3.0
+    with pytest.raises(InvalidStatus) as info:
+        await open_native(port, key)
+    assert info.value.response.status_code == 429  # and the limit still holds
+    await ws.close()
+
+
 @pytest.mark.parametrize("argv", [
     ["create", "--name", "frank", "--symbols", ""],  # once created an all-symbols key
     ["create", "--name", "fr\x1b[31mank"],

@@ -154,7 +154,9 @@ async def test_readyz_is_503_while_one_worker_drains(cluster: Cluster) -> None:
         await asyncio.sleep(0.05)
     codes = [await closed_code(ws, 3) for ws, pid in clients if pid == draining]
     print(f"/readyz during one worker's drain: {Counter(statuses)}")
-    assert statuses[-10:] == [503] * 10  # the other worker answers for both
+    assert 503 in statuses, "never 503 while a worker drained"
+    since = statuses[statuses.index(503):]
+    assert since == [503] * len(since) and len(since) >= 3  # the other worker answers for both
     assert codes == [1001] * len(codes)
     await asyncio.to_thread(wait_children, proc.proc.pid, 2, 10.0, {draining})
     deadline = time.monotonic() + 10
@@ -179,8 +181,14 @@ async def test_a_keys_connection_limit_is_exact_whichever_worker_takes_the_conne
     print(f"3 held on {Counter(pid for _, pid in held)}; 4th refused by {dict(refused_by)}")
     assert set(refused_by) == pids
     await held[0][0].close()
-    await asyncio.sleep(0.3)
-    ws = await open_native(port, key)  # the freed slot is taken again, on either worker
+    deadline = time.monotonic() + 3
+    while True:  # the freed slot is taken again, on either worker (the release is async)
+        try:
+            ws = await open_native(port, key)
+            break
+        except InvalidStatus:
+            assert time.monotonic() < deadline, "a closed connection's slot was never released"
+            await asyncio.sleep(0.05)
     assert await pong(ws)
     pid, status = await asyncio.to_thread(raw_upgrade, port, key, pids)
     assert status == 429
