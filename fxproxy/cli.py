@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from fxproxy.config import ConfigError, add_settings_flags, load_settings
+from fxproxy.config import ConfigError, add_settings_flags, load_settings, unknown_settings
 from shared.cluster_bus import ClusterBus
 from shared.logs import setup_logging
 from shared.names import Names
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         model = models[args.command]
         settings = load_settings(model, args)
         setup_logging(settings.log_level, settings.log_format)
+        for problem in unknown_settings(os.environ, models.values()):
+            logging.getLogger("fxproxy").warning("setting ignored", extra={"problem": problem})
         if isinstance(settings, EdgeSettings):
             return _edge_main(settings)
         if isinstance(settings, IngestorSettings):

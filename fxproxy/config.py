@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import SecretStr, ValidationError
@@ -43,6 +45,20 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseSettings
         )
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="env-style file of FXPROXY_* settings, read before the environment")
+
+
+def unknown_settings(environ: Mapping[str, str], models: Iterable[type[BaseSettings]]) -> list[str]:
+    """FXPROXY_* names in `environ` that no settings model reads, each with the likeliest meant.
+
+    pydantic-settings ignores them (one ConfigMap serves every role), so a misspelt setting
+    would otherwise leave its default in force without a word.
+    """
+    known = sorted({f"FXPROXY_{name.upper()}" for model in models for name in model.model_fields})
+    out = []
+    for name in sorted(n for n in environ if n.startswith("FXPROXY_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        out.append(f"{name} is not an fxproxy setting" + (f" (did you mean {close[0]}?)" if close else ""))
+    return out
 
 
 def load_settings(model: type[S], args: argparse.Namespace, **overrides: Any) -> S:

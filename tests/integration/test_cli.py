@@ -60,6 +60,25 @@ def test_bad_configuration_fails_at_start_with_one_clear_line(args: list[str], e
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+def test_a_misspelt_setting_is_named_at_start_with_the_one_meant() -> None:
+    # Settings ignore names they do not read (one ConfigMap serves every role), so without
+    # this line a typo would leave the default in force unnoticed.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FXPROXY_")}
+    env |= {"FXPROXY_SYMBLOS": "EURUSD", "FXPROXY_LOG_FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, "-m", "fxproxy", "simfeed", "--port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+    finally:
+        proc.kill()
+        proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert '"msg":"setting ignored"' in first, first
+    assert "FXPROXY_SYMBLOS is not an fxproxy setting (did you mean FXPROXY_SYMBOLS?)" in first, first
+
+
 def test_help_documents_every_setting_with_its_env_var() -> None:
     out = fxproxy("edge", "--help")
     assert out.returncode == 0

@@ -33,6 +33,7 @@ from tests.support.deploy_check import (
     shipped,
     validate,
 )
+from tests.support.deploy_settings import check_settings
 
 REDIS_DIR = REPO_ROOT / "deploy" / "redis"
 
@@ -68,8 +69,8 @@ def test_every_shipped_deploy_file_passes_every_check() -> None:
     took = time.monotonic() - started
     print(f"make validate's checks: {took:.1f} s", *lines, sep="\n")
     assert problems == [], details(problems)
-    assert len(lines) == 7 and all(line.startswith("ok") for line in lines[:6]), lines
-    assert lines[-1] == "validate: 6 of 6 checks ok", lines
+    assert len(lines) == 8 and all(line.startswith("ok") for line in lines[:7]), lines
+    assert lines[-1] == "validate: 7 of 7 checks ok", lines
     files = shipped(REPO_ROOT)
     # What the checks ran on: the default compose file and both overrides, every manifest, the Dockerfile.
     assert {p.name for p in files.compose} >= {"docker-compose.yml", "docker-compose.cluster.yml",
@@ -112,9 +113,9 @@ def test_make_validate_fails_on_one_broken_file_and_says_which_check(checkout: P
     assert [p.check for p in problems] == ["kubernetes"], details(problems)
     verdicts = [line.split()[:2] for line in lines if not line.startswith(" ")]
     assert verdicts == [["ok", "compose"], ["FAIL", "kubernetes"], ["ok", "kustomization"],
-                        ["ok", "dockerfiles"], ["ok", "nginx"], ["ok", "redis"],
-                        ["validate:", "5"]], lines
-    assert lines[-1] == "validate: 5 of 6 checks ok", lines
+                        ["ok", "fxproxy"], ["ok", "dockerfiles"], ["ok", "nginx"], ["ok", "redis"],
+                        ["validate:", "6"]], lines
+    assert lines[-1] == "validate: 6 of 7 checks ok", lines
     assert any("ingestor.yaml" in line and "replicas" in line for line in lines), lines
 
 
@@ -168,6 +169,33 @@ def test_a_kustomization_that_misses_or_invents_a_manifest_is_rejected(checkout:
     break_file(files.kustomization, old, new)
     problems = check_kustomization(files.kustomization, files.manifests)
     assert named in details(problems), details(problems)
+
+
+@pytest.mark.parametrize(("file", "old", "new", "named"), [
+    # a misspelt setting: the process would only warn and keep the default
+    ("docker-compose.yml", 'FXPROXY_DRAIN_TIMEOUT: "10"', 'FXPROXY_DRAIN_TIMOUT: "10"',
+     "docker-compose.yml: edge: FXPROXY_DRAIN_TIMOUT is not an fxproxy setting "
+     "(did you mean FXPROXY_DRAIN_TIMEOUT?)"),
+    # a flag value the edge refuses at start, in an override
+    ("docker-compose.cluster.yml", '"--workers", "2"', '"--workers", "two"', "bad workers 'two'"),
+    # a flag no command has
+    ("docker-compose.yml", '["ingestor"]', '["ingestor", "--symbolz", "EURUSD"]',
+     "unrecognized arguments: --symbolz"),
+    # a bad value in the ConfigMap every Deployment reads
+    ("deploy/k8s/configmap.yaml", 'FXPROXY_DRAIN_TIMEOUT: "10"', 'FXPROXY_DRAIN_TIMEOUT: "ten"',
+     "drain_timeout (FXPROXY_DRAIN_TIMEOUT)"),
+    # a misspelt name in a container's own env
+    ("deploy/k8s/edge.yaml", "- name: FXPROXY_WORKERS", "- name: FXPROXY_WORKER",
+     "edge.yaml: edge/edge: FXPROXY_WORKER is not an fxproxy setting"),
+])
+def test_fxproxy_settings_the_process_would_refuse_or_ignore_are_rejected(
+    checkout: Path, file: str, old: str, new: str, named: str,
+) -> None:
+    break_file(checkout / file, old, new)
+    files = shipped(checkout)
+    problems = check_settings(files.compose, files.manifests)
+    said = "\n".join(why for _, why in problems)
+    assert named in said, said
 
 
 @pytest.mark.parametrize(("old", "new", "rule"), [

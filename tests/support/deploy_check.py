@@ -5,6 +5,8 @@
 - compose files: `check-jsonschema --builtin-schema vendor.compose-spec` (the schema ships inside the
   package), plus what a schema cannot see: an override's `depends_on` targets exist in it or in
   docker-compose.yml, and bind-mounted host paths exist;
+- fxproxy settings: each container's arguments and FXPROXY_* environment, read by the CLI's own
+  parser and settings (tests/support/deploy_settings.py): a bad value and an unknown name both fail;
 - Kubernetes manifests: `kubernetes-validate --strict` (its schemas ship inside the package); a kind it
   has no schema for is an error here, not the tool's warning, or a misspelt kind would pass;
   kustomization.yaml: every resource exists and every manifest is listed;
@@ -37,6 +39,7 @@ from typing import Any
 import redis
 import yaml
 
+from .deploy_settings import check_settings
 from .nginx import find_nginx
 from .ports import free_port
 from .redis_server import find_redis_server
@@ -371,6 +374,9 @@ def validate(root: Path = REPO_ROOT, report: Callable[[str], None] = print) -> l
         (f"kubernetes ({len(files.manifests)} manifests, kubernetes-validate --strict)",
          lambda: check_manifests(files.manifests)),
         ("kustomization", lambda: check_kustomization(files.kustomization, files.manifests)),
+        ("fxproxy settings (each container's arguments and FXPROXY_* as the CLI reads them)",
+         lambda: [Problem("settings", path, why)
+                  for path, why in check_settings(files.compose, files.manifests)]),
         (f"dockerfiles ({len(files.dockerfiles)}, hadolint)", lambda: check_dockerfiles(files.dockerfiles)),
         ("nginx (nginx -t)", lambda: check_nginx(files.nginx)),
         ("redis configs (redis-server)", lambda: check_redis_configs(files.redis)),
