@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -36,6 +38,22 @@ DRAIN_GRACE = 15.0  # beyond FXPROXY_DRAIN_TIMEOUT, for a worker to close its bu
 _STOP = (signal.SIGTERM, signal.SIGINT)
 _SIGNALS = (signal.SIGCHLD, *_STOP)
 _PR_SET_PDEATHSIG = 1
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError if anything listens on host:port, another edge's workers included: with
+    SO_REUSEPORT ours would silently join them and take half their connections."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            # SO_REUSEADDR as asyncio sets it (a recent edge's TIME_WAIT is no obstacle), but not
+            # SO_REUSEPORT: then any listener on the port, reuse-port or not, refuses the bind.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise OSError(exc.errno, f"cannot listen on {host}:{port}: {why}") from None
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:

@@ -85,8 +85,9 @@ def _edge_main(settings: EdgeSettings) -> int:
     """One process, or a supervisor of `--workers N` forked ones sharing the port."""
     if settings.workers == 1:
         return _run(_edge(settings))
-    from edge.workers import Supervisor
+    from edge.workers import Supervisor, check_port_free
 
+    check_port_free(settings.host, settings.port)
     return Supervisor(settings, lambda worker, group: _run(_edge(worker, group))).run()
 
 

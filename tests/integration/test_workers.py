@@ -243,6 +243,23 @@ async def test_a_killed_workers_slots_are_freed_as_soon_as_it_is_replaced(cluste
             await ws.close()
 
 
+async def test_a_second_multi_worker_edge_on_a_taken_port_is_refused_not_merged(cluster: Cluster) -> None:
+    # With SO_REUSEPORT alone, a second group would join the first and take half its clients.
+    proc, port, pids = two_workers(cluster)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FXPROXY_")}
+    env.update(FXPROXY_REDIS_URL=cluster.redis_url, FXPROXY_API_KEYS=API_KEY)
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "fxproxy", "edge", "--workers", "2", "--host", "127.0.0.1",
+                         "--port", str(port)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"fxproxy edge: OSError: [Errno 98] cannot listen on 127.0.0.1:{port}: address already in use"]
+    clients = await connect_many(port, 8, pids)  # serving_pid fails on a pid outside the group
+    assert {pid for _, pid in clients} <= pids and children(proc.proc.pid) == pids
+    for ws, _ in clients:
+        await ws.close()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_an_edge_that_cannot_listen_exits_1_with_one_clear_line(redis_url: str, workers: str) -> None:
     with socket.socket() as taken:  # a plain listener: SO_REUSEPORT cannot share its port
