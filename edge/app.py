@@ -54,6 +54,8 @@ class EdgeApp:
                 server.lag_probes(), server.probe.run()]
         if server.demand is not None:
             jobs.append(server.demand.run())
+        if self.group is not None:
+            jobs.append(self.group.beat())
         self._tasks = [asyncio.create_task(job) for job in jobs]
         port: int = self._listener.sockets[0].getsockname()[1]
         extra: dict[str, object] = {"host": self.settings.host, "port": port}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from edge.workgroup import WorkerGroup, forget_worker, hold, leave, prepare_state_dir
+from edge.workgroup import WorkerGroup, beat_age, forget_worker, hold, leave, prepare_state_dir
 from shared.settings import EdgeSettings
 
 log = logging.getLogger("fxproxy.edge")
@@ -35,6 +35,7 @@ BACKOFF_FIRST = 0.25  # seconds before restarting a worker that died
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 10.0  # a worker that ran this long starts its next backoff from BACKOFF_FIRST
 DRAIN_GRACE = 15.0  # beyond FXPROXY_DRAIN_TIMEOUT, for a worker to close its bus and exit
+HUNG_AFTER = 10.0  # a worker whose event loop has not beaten for this long is killed and restarted
 _STOP = (signal.SIGTERM, signal.SIGINT)
 _SIGNALS = (signal.SIGCHLD, *_STOP)
 _PR_SET_PDEATHSIG = 1
@@ -143,6 +144,13 @@ class Supervisor:
             for worker in self.workers:
                 if not worker.pid and worker.due <= now:
                     self._start(worker)
+                elif worker.pid and now - worker.started > HUNG_AFTER \
+                        and beat_age(self.state_dir, worker.index) > HUNG_AFTER:
+                    # Stuck, yet the kernel keeps handing it new connections: end it.
+                    log.error("edge worker hung; killing it", extra={
+                        "worker": f"w{worker.index}", "pid": worker.pid, "silent_s": HUNG_AFTER})
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
 
     def _wait(self, timeout: float) -> int | None:
         info = signal.sigtimedwait(_SIGNALS, timeout)
@@ -185,6 +193,7 @@ class Supervisor:
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN/ENOMEM, e.g. right after an OOM kill: try again later
+            worker.started = time.monotonic()  # so repeated failures back off further
             self._schedule_restart(worker, -1, f"fork failed: {exc}")
             return
         if pid == 0:

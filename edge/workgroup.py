@@ -3,20 +3,26 @@
 The supervisor (edge/workers.py) makes a state directory per run. Any worker may take a
 scrape of the shared port (SO_REUSEPORT picks one at random), so each answers for all:
 `/metrics` aggregates every worker's files (prometheus-client multiprocess mode) and
-`/readyz` is ready only while every worker has its ready file.
+`/readyz` is ready only while every worker has its ready file and a fresh beat: each
+worker's event loop touches a beat file every second, so one that hangs is seen, by the
+others' /readyz at once and by the supervisor, which kills it (edge/workers.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+BEAT_INTERVAL = 1.0  # seconds between a worker's beats
+STALE_BEAT = 3.0  # a worker whose last beat is older is not ready (its loop is stuck)
 
 
 def metrics_dir(state_dir: Path) -> Path:
@@ -25,6 +31,18 @@ def metrics_dir(state_dir: Path) -> Path:
 
 def ready_file(state_dir: Path, index: int) -> Path:
     return state_dir / "ready" / str(index)
+
+
+def beat_file(state_dir: Path, index: int) -> Path:
+    return state_dir / "ready" / f"beat-{index}"
+
+
+def beat_age(state_dir: Path, index: int) -> float:
+    """Seconds since worker `index` last beat (infinite if it never did)."""
+    try:
+        return time.time() - beat_file(state_dir, index).stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def hold(state_dir: Path) -> int:
@@ -101,7 +119,7 @@ class WorkerGroup:
             path.unlink(missing_ok=True)
 
     def all_ready(self) -> bool:
-        """Every worker has said it is ready and is still running."""
+        """Every worker has said it is ready, is still running, and its loop still turns."""
         for i in range(self.count):
             try:
                 pid = int(ready_file(self.state_dir, i).read_text())
@@ -109,7 +127,16 @@ class WorkerGroup:
                 return False
             if not _alive(pid):  # killed before the supervisor reaped it
                 return False
+            if i != self.index and beat_age(self.state_dir, i) > STALE_BEAT:
+                return False
         return True
+
+    async def beat(self) -> None:
+        """Touch this worker's beat file from its event loop, every BEAT_INTERVAL, for ever."""
+        path = beat_file(self.state_dir, self.index)
+        while True:
+            path.touch()
+            await asyncio.sleep(BEAT_INTERVAL)
 
     def render_metrics(self) -> tuple[bytes, str]:
         """Every worker's metrics, summed as each one's multiprocess mode says."""

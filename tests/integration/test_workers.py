@@ -7,6 +7,7 @@ holds the server end of the client's TCP connection (tests/support/workers.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -23,18 +24,20 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
+from edge.workers import HUNG_AFTER
+from edge.workgroup import STALE_BEAT
 from tests.conftest import API_KEY, Cluster
 from tests.integration.test_keys_cluster import create_key
 from tests.support.client import closed_code, live_ticks, open_native, recv_json, send_json
-from tests.support.procs import Proc, metric
+from tests.support.procs import Proc, metric, wait_http
 from tests.support.workers import alive, children, raw_upgrade, serving_pid, wait_children
 
 pytestmark = pytest.mark.integration
 
 
-def readyz(port: int) -> int:
+def readyz(port: int, timeout: float = 2.0) -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=timeout) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -121,6 +124,35 @@ async def test_a_killed_worker_is_restarted_and_its_clients_are_served_again(clu
     assert all([await pong(ws) for ws, pid in clients if pid != victim])
     assert metric(port, "fxproxy_edge_worker_restarts_total") == 1.0
     assert metric(port, "fxproxy_edge_connections") == len(clients) - len(dropped) + len(again)
+
+
+@pytest.mark.slow  # waits out HUNG_AFTER (10 s)
+async def test_a_hung_worker_turns_readyz_503_and_is_killed_and_replaced(cluster: Cluster) -> None:
+    proc, port, pids = two_workers(cluster)
+    clients = await connect_many(port, 8, pids, on_every_worker=True)
+    victim = next(pid for _, pid in clients)
+    os.kill(victim, signal.SIGSTOP)  # its event loop stops: no beat, no accept, no answer
+    stopped_at = time.monotonic()
+    first_503 = 0.0
+    try:
+        while alive(victim):
+            status = await asyncio.to_thread(readyz, port, 0.3)  # 0: the stuck worker took it
+            if status == 503 and not first_503:
+                first_503 = time.monotonic() - stopped_at
+            assert time.monotonic() - stopped_at < HUNG_AFTER + 5, "the hung worker was never killed"
+            await asyncio.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    killed_s = time.monotonic() - stopped_at
+    new_pids = await asyncio.to_thread(wait_children, proc.proc.pid, 2, 5.0, {victim})
+    await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz", 10)
+    print(f"hung worker: /readyz 503 after {first_503:.2f} s, killed after {killed_s:.2f} s")
+    assert 0 < first_503 < STALE_BEAT + 2.5
+    assert HUNG_AFTER <= killed_s < HUNG_AFTER + 3
+    again = await connect_many(port, 4, new_pids, on_every_worker=True)
+    assert all([await pong(ws) for ws, _ in again])
+    assert all([await pong(ws) for ws, pid in clients if pid != victim])
 
 
 async def test_sigterm_drains_every_worker_with_1001_and_leaves_no_process(cluster: Cluster) -> None:
