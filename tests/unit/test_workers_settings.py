@@ -13,7 +13,7 @@ import pytest
 
 from edge import workers as workers_module
 from edge.workers import Supervisor
-from edge.workgroup import WorkerGroup, forget_worker, ready_file
+from edge.workgroup import STALE_BEAT, WorkerGroup, beat_file, forget_worker, ready_file
 from fxproxy.cli import main
 from fxproxy.config import ConfigError, load_settings
 from shared.settings import EdgeSettings
@@ -73,10 +73,17 @@ def test_a_group_is_ready_only_while_every_worker_has_said_so(tmp_path: Path) ->
     w0.set_ready(True)
     assert not w0.all_ready() and not w1.all_ready()
     w1.set_ready(True)
+    assert not w0.all_ready(), "w1 never beat: its loop may never have turned"
+    for i in (0, 1):
+        beat_file(tmp_path, i).touch()
     assert w0.all_ready() and w1.all_ready()
     w1.set_ready(False)  # draining
     assert not w0.all_ready()
     w1.set_ready(True)
+    stale = time.time() - STALE_BEAT - 1
+    os.utime(beat_file(tmp_path, 1), (stale, stale))  # w1's loop is stuck
+    assert not w0.all_ready() and w1.all_ready() is True  # a worker answering is not stuck itself
+    beat_file(tmp_path, 1).touch()
     ready_file(tmp_path, 1).write_text("999999999")  # a pid that is gone, not yet reaped
     assert not w0.all_ready()
 
