@@ -4,11 +4,11 @@ allow, each session failing and recovering on its own."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Collection
 
 from ingestor import metrics
+from ingestor.backoff import Backoff
 from ingestor.packing import plan
 from ingestor.vendors import Hooks, VendorSession, carries, open_session
 from shared.settings import IngestorSettings
@@ -23,7 +23,8 @@ class UpstreamPool:
     Statuses go to `on_status(symbol, status)` once per change: "streaming" (the vendor accepted
     it), "capacity" (over FXPROXY_UPSTREAM_MAX_SYMBOLS x FXPROXY_UPSTREAM_MAX_CONNECTIONS; static
     symbols go first), "unknown" (the vendor does not carry it). `connected` is set while every
-    session that has symbols is logged in.
+    session that has symbols is logged in. A session that fails (an exception out of its `run()`)
+    is logged, counted and reopened after its own backoff; the others stream on.
     """
 
     def __init__(self, settings: IngestorSettings, on_quote: Callable[[Quote], None],
@@ -37,6 +38,11 @@ class UpstreamPool:
         self._per_session = settings.symbols_per_session()
         self._slots: list[VendorSession | None] = [None] * settings.upstream_max_connections
         self._tasks: list[asyncio.Task[None] | None] = [None] * settings.upstream_max_connections
+        # A failed slot keeps its symbols (and its place in the plan) until it is reopened.
+        self._reopen_at: dict[int, float] = {}
+        self._started: list[float] = [0.0] * settings.upstream_max_connections
+        self._backoffs = [Backoff(settings.backoff_initial, settings.backoff_max)
+                          for _ in range(settings.upstream_max_connections)]
         self._order: tuple[str, ...] = ()
         self._wanted: frozenset[str] = frozenset()
         self._unknown: set[str] = set()
@@ -72,11 +78,11 @@ class UpstreamPool:
             tasks = [t for t in self._tasks if t is not None]
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Every outcome retrieved, a failed session's error included (logged already).
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._slots = [None] * len(self._slots)
             self._tasks = [None] * len(self._tasks)
+            self._reopen_at.clear()
             self._link_changed()
 
     def _priority(self) -> list[str]:
@@ -89,9 +95,7 @@ class UpstreamPool:
         return static + [s for s in rest if s in current] + [s for s in rest if s not in current]
 
     def _reconcile(self) -> None:
-        for task in self._tasks:
-            if task is not None and task.done() and not task.cancelled() and task.exception():
-                raise RuntimeError("an upstream session ended") from task.exception()
+        self._note_failures()
         for symbol in self._wanted & self._unknown:
             self._report(symbol, "unknown")
         current = [s.symbols if s is not None else frozenset() for s in self._slots]
@@ -109,8 +113,34 @@ class UpstreamPool:
         metrics.UPSTREAM_SYMBOLS.set(len(self.streamed()))
         self._link_changed()
 
+    def _note_failures(self) -> None:
+        """Sessions whose run() ended (a bug, or an error the driver did not expect): logged with
+        the traceback, counted, and reopened after the slot's backoff."""
+        loop = asyncio.get_running_loop()
+        for slot, task in enumerate(self._tasks):
+            if task is None or not task.done() or slot in self._reopen_at:
+                continue
+            error = None if task.cancelled() else task.exception()
+            metrics.SESSION_FAILURES.inc()
+            if loop.time() - self._started[slot] >= self._backoffs[slot].maximum:
+                self._backoffs[slot].reset()  # it ran well for a while: this is a new failure
+            delay = self._backoffs[slot].next_delay()
+            log.error("upstream session failed: reopening it", exc_info=error, extra={
+                "session": slot, "in_s": round(delay, 2),
+                "error": f"{type(error).__name__}: {error}" if error else "ended by itself"})
+            self._reopen_at[slot] = loop.time() + delay
+            loop.call_later(delay, self._dirty.set)
+
     def _apply(self, slot: int, symbols: frozenset[str]) -> None:
         session, task = self._slots[slot], self._tasks[slot]
+        reopen_at = self._reopen_at.get(slot)
+        if reopen_at is not None:
+            if symbols and asyncio.get_running_loop().time() < reopen_at:
+                assert session is not None
+                session.change(symbols)  # recorded on the dead session: applied when it reopens
+                return
+            del self._reopen_at[slot]
+            self._slots[slot] = self._tasks[slot] = session = task = None
         if session is not None and symbols == session.symbols:
             return
         if not symbols:
@@ -127,6 +157,7 @@ class UpstreamPool:
         session = open_session(self._settings, slot, symbols, hooks)
         log.info("opening upstream session", extra={"session": slot, "symbols": len(symbols)})
         self._slots[slot] = session
+        self._started[slot] = asyncio.get_running_loop().time()
         new = asyncio.create_task(session.run(), name=f"upstream-session-{slot}")
         new.add_done_callback(lambda _: self._dirty.set())
         self._tasks[slot] = new
@@ -144,7 +175,8 @@ class UpstreamPool:
             self._on_status(symbol, status)
 
     def _link_changed(self) -> None:
-        up = all(s.up for s in self._slots if s is not None)
+        up = all(s.up and slot not in self._reopen_at for slot, s in enumerate(self._slots)
+                 if s is not None)
         metrics.UPSTREAM_UP.set(1 if up and any(self._slots) else 0)
         if up and any(self._slots):
             self.connected.set()

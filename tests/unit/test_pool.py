@@ -61,6 +61,7 @@ class FakeSession:
         self.up = False
         self.changes: list[frozenset[str]] = []
         self.closed = False
+        self.failing = asyncio.Event()
 
     @property
     def symbols(self) -> frozenset[str]:
@@ -76,9 +77,14 @@ class FakeSession:
 
     async def run(self) -> None:
         try:
-            await asyncio.Event().wait()
+            await self.failing.wait()
+            raise KeyError("a bug in the driver")
         finally:
             self.closed = True
+
+    def fail(self) -> None:
+        """End run() with an error the driver did not expect."""
+        self.failing.set()
 
 
 @pytest.fixture
@@ -93,9 +99,9 @@ def sessions(monkeypatch: pytest.MonkeyPatch) -> list[FakeSession]:
     return opened
 
 
-def settings(static: str, per: int, conns: int) -> IngestorSettings:
+def settings(static: str, per: int, conns: int, **kw: object) -> IngestorSettings:
     return IngestorSettings(symbols=static, upstream_urls="ws://127.0.0.1:1/",  # type: ignore[arg-type]
-                            upstream_max_symbols=per, upstream_max_connections=conns)
+                            upstream_max_symbols=per, upstream_max_connections=conns, **kw)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
@@ -201,3 +207,39 @@ def test_kabu_limits_that_cannot_work_fail_at_start(env: dict[str, object], says
     with pytest.raises(ValueError, match=says):
         IngestorSettings(**fields)  # type: ignore[arg-type]
     assert IngestorSettings(upstream_dialect="kabu").symbols_per_session() == 50
+
+
+async def test_a_failing_session_is_reopened_after_its_backoff_and_the_others_stream_on(
+        sessions: list[FakeSession], caplog: pytest.LogCaptureFixture) -> None:
+    connected = asyncio.Event()
+    pool = UpstreamPool(settings("A00,B00,C00", 2, 2, backoff_initial=0.2, backoff_max=1.0),
+                        lambda q: None, lambda s, st: None, connected=connected)
+    pool.want(["A00", "B00", "C00"])
+    before = metrics.SESSION_FAILURES._value.get()
+    loop = asyncio.get_running_loop()
+    async with running(pool):
+        first, second = sessions
+        first.login()
+        second.login()
+        assert connected.is_set()
+        second.fail()
+        failed_at = loop.time()
+        await settle()
+        assert not connected.is_set()  # its symbols are not streaming: not ready
+        assert len(sessions) == 2 and not first.closed and first.changes == []
+        pool.want(["A00", "B00", "C00", "D00"])  # a change meanwhile reaches the reopened session
+        await settle()
+        while len(sessions) < 3:
+            assert loop.time() - failed_at < 3.0, "the failed session was not reopened"
+            await asyncio.sleep(0.01)
+        took = loop.time() - failed_at
+        third = sessions[2]
+        third.login()
+        assert connected.is_set()
+    print(f"\nfailed session reopened after {took:.2f}s (backoff 0.1-0.2 s)")
+    # Full jitter between half the first delay and all of it, plus a loaded machine's slack.
+    assert 0.09 <= took < 3.0
+    assert third.slot == 1 and third.symbols == {"C00", "D00"} and first.symbols == {"A00", "B00"}
+    assert metrics.SESSION_FAILURES._value.get() - before == 1
+    failure = next(r for r in caplog.records if r.getMessage() == "upstream session failed: reopening it")
+    assert failure.exc_info is not None and failure.exc_info[0] is KeyError  # the traceback is logged
