@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from ingestor import metrics
 from ingestor.backoff import Backoff
 from ingestor.packing import plan
-from ingestor.vendors import Hooks, VendorSession, carries, open_session
+from ingestor.vendors import SILENT, Hooks, VendorSession, carries, open_session
 from shared.settings import IngestorSettings
 from shared.tick import Quote
 
@@ -22,9 +22,11 @@ class UpstreamPool:
 
     Statuses go to `on_status(symbol, status)` once per change: "streaming" (the vendor accepted
     it), "capacity" (over FXPROXY_UPSTREAM_MAX_SYMBOLS x FXPROXY_UPSTREAM_MAX_CONNECTIONS; static
-    symbols go first), "unknown" (the vendor does not carry it). `connected` is set while every
-    session that has symbols is logged in. A session that fails (an exception out of its `run()`)
-    is logged, counted and reopened after its own backoff; the others stream on.
+    symbols go first), "unknown" (the vendor does not carry it, or an on-demand symbol stayed
+    silent while others quoted; never a configured one by silence), forgotten when it leaves the
+    wanted set so a later caller tries afresh. `connected` is set while every session that has
+    symbols is logged in. A session that fails (an exception out of its `run()`) is logged,
+    counted and reopened after its own backoff; the others stream on.
     """
 
     def __init__(self, settings: IngestorSettings, on_quote: Callable[[Quote], None],
@@ -35,6 +37,8 @@ class UpstreamPool:
         self._on_status = on_status
         self.connected = connected or asyncio.Event()
         self._static = list(dict.fromkeys(settings.symbols))
+        self._configured = frozenset(self._static)
+        self._silent_static: set[str] = set()  # configured symbols not quoting yet (logged once)
         self._per_session = settings.symbols_per_session()
         self._slots: list[VendorSession | None] = [None] * settings.upstream_max_connections
         self._tasks: list[asyncio.Task[None] | None] = [None] * settings.upstream_max_connections
@@ -55,6 +59,12 @@ class UpstreamPool:
         # is short, the symbols asked for longest keep their place.
         self._order = tuple(dict.fromkeys(symbols))
         self._wanted = frozenset(self._order)
+        # Unknown only while wanted: the next subscriber after a drop is tried afresh (the vendor
+        # may carry it by then, or it was silent at a bad moment).
+        self._unknown &= self._wanted
+        self._silent_static &= self._wanted
+        for symbol in set(self._status) - self._wanted:
+            del self._status[symbol]  # asked for again later: reported again
         # A symbol this vendor cannot even name (9433@1 on a forex feed) is unknown to it.
         self._unknown |= {s for s in self._wanted if not carries(self._settings, s)}
         self._dirty.set()
@@ -108,8 +118,6 @@ class UpstreamPool:
             self._report(symbol, "capacity")
         for slot, symbols in enumerate(layout.sessions):
             self._apply(slot, symbols)
-        for symbol in set(self._status) - self._wanted:
-            del self._status[symbol]  # asked for again later: reported again
         metrics.UPSTREAM_SYMBOLS.set(len(self.streamed()))
         self._link_changed()
 
@@ -163,11 +171,20 @@ class UpstreamPool:
         self._tasks[slot] = new
 
     def _vendor_status(self, symbol: str, status: str) -> None:
+        if symbol not in self._wanted:
+            return  # dropped meanwhile: a late word about it binds nothing
+        if status == SILENT:
+            if symbol in self._configured:
+                if symbol not in self._silent_static:
+                    self._silent_static.add(symbol)
+                    log.warning("configured symbol not quoting while others do: still asked for",
+                                extra={"symbol": symbol})
+                return
+            status = "unknown"
         if status == "unknown" and symbol not in self._unknown:
             self._unknown.add(symbol)
             self._dirty.set()  # take it off its session: it must not hold a place
-        if symbol in self._wanted:
-            self._report(symbol, status)
+        self._report(symbol, status)
 
     def _report(self, symbol: str, status: str) -> None:
         if self._status.get(symbol) != status:

@@ -11,6 +11,10 @@ from shared.tick import Quote
 # What a client is told about a symbol it asked for: the vendor streams it, there is no room for it
 # within the vendor's limits, or the vendor does not know it.
 Status = Literal["streaming", "capacity", "unknown"]
+# What a session says of a symbol that never quoted while the session delivered others' quotes:
+# a guess, not the vendor's word. The pool takes it as "unknown" for on-demand symbols only; a
+# configured symbol stays asked for (the vendor may simply not be quoting it yet).
+SILENT = "silent"
 
 
 def _ignore_status(symbol: str, status: str) -> None:

@@ -188,11 +188,12 @@ class KabuSession(Supervised):
         self._password = password
         self._token = ""
         self._registered: set[str] = set()  # ours on kabuステーション's list
-        self._refused: set[str] = set()  # not in its catalogue: never asked for again
+        self._refused: set[str] = set()  # not in its catalogue: not asked for again while wanted
         self._fresh = True  # no login yet: the list may hold registrations nobody reads any more
         self._apply = asyncio.Event()
 
     def _changed(self, old: frozenset[str]) -> None:
+        self._refused &= self._symbols  # given back and asked for again later: tried afresh
         self._apply.set()
 
     async def _connect(self, url: str) -> None:

@@ -20,7 +20,8 @@ from fxproxy.simfeed import SimFeed
 from fxproxy.simkabu import SimKabu
 from ingestor.backoff import Backoff
 from ingestor.pool import UpstreamPool
-from ingestor.vendors.base import Hooks
+from ingestor.vendors import tradermade
+from ingestor.vendors.base import SILENT, Hooks
 from ingestor.vendors.kabu import REGISTER_LIMIT, SYMBOL_NOT_FOUND, TOKEN_MISMATCH, WRONG_PASSWORD
 from ingestor.vendors.tradermade import TraderMadeSession
 from shared.settings import IngestorSettings
@@ -122,7 +123,7 @@ async def session_running(session: TraderMadeSession) -> AsyncIterator[TraderMad
             await task
 
 
-async def test_tradermade_symbol_never_quoted_is_unknown_after_the_first_quote_deadline() -> None:
+async def test_tradermade_symbol_never_quoted_while_others_quote_is_silent_after_the_deadline() -> None:
     feed = SimFeed("k", rate=40, seed=3, notify_unknown=False)  # the real feed's silence
     port = await feed.start("127.0.0.1", 0)
     rec = Recorder()
@@ -133,21 +134,21 @@ async def test_tradermade_symbol_never_quoted_is_unknown_after_the_first_quote_d
             await eventually(lambda: rec.seen(0) == {"EURUSD", "GBPUSD"})
             feed.quiet.add("GBPUSD")  # quoted, then went quiet: not a symbol the feed lacks
             session.change(frozenset({"EURUSD", "GBPUSD", "NOSUCH"}))
-            told = await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses)
+            told = await eventually(lambda: ("NOSUCH", SILENT) in rec.statuses)
             quiet_since = time.monotonic()
             await asyncio.sleep(1.5)  # three more deadlines
             gbp_after = rec.seen(quiet_since) & {"GBPUSD"}
             carried = [c.symbols for c in feed.clients]
     finally:
         await feed.close()
-    print(f"\nsilently ignored symbol reported unknown {told:.2f}s after it was added (deadline 0.5s)")
+    print(f"\nsilently ignored symbol reported silent {told:.2f}s after it was added (deadline 0.5s)")
     assert 0.4 <= told < 5.0
-    assert rec.statuses.count(("NOSUCH", "unknown")) == 1
-    assert not gbp_after and ("GBPUSD", "unknown") not in rec.statuses
-    assert ("EURUSD", "unknown") not in rec.statuses and carried == [["EURUSD", "GBPUSD"]]
+    assert rec.statuses.count(("NOSUCH", SILENT)) == 1
+    assert not gbp_after and ("GBPUSD", SILENT) not in rec.statuses
+    assert ("EURUSD", SILENT) not in rec.statuses and carried == [["EURUSD", "GBPUSD"]]
 
 
-async def test_tradermade_session_of_only_uncarried_symbols_reports_them_across_its_relogins() -> None:
+async def test_tradermade_session_that_hears_nothing_gives_up_on_no_symbol() -> None:
     feed = SimFeed("k", rate=40, seed=3, notify_unknown=False)
     port = await feed.start("127.0.0.1", 0)
     rec = Recorder()
@@ -157,18 +158,59 @@ async def test_tradermade_session_of_only_uncarried_symbols_reports_them_across_
         nonlocal logins
         logins += session.up
 
-    # Nothing ever comes: the link goes silent and logs in again every 0.4 s, inside the deadline.
+    # Nothing ever comes: the link goes silent and logs in again every 0.3 s. A silent feed proves
+    # nothing about its symbols, so 5 first-quote deadlines pass without a verdict.
     session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["NOSUCH"],
-                                Hooks(rec.quote, rec.status, link), silence_timeout=0.4,
-                                first_quote_timeout=1.0, backoff=Backoff(0.05, 0.1))
+                                Hooks(rec.quote, rec.status, link), silence_timeout=0.3,
+                                first_quote_timeout=0.3, backoff=Backoff(0.05, 0.1))
     try:
         async with session_running(session):
-            told = await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses)
+            await asyncio.sleep(1.5)
     finally:
         await feed.close()
-    print(f"\nonly-uncarried session: unknown {told:.2f}s after start, after {logins} logins "
-          f"(deadline 1.0s, silence 0.4s)")
-    assert 0.9 <= told < 5.0 and logins >= 2
+    print(f"\nonly-uncarried session: {logins} logins in 1.5 s, statuses {rec.statuses}")
+    assert logins >= 2 and rec.statuses == []
+
+
+async def test_tradermade_pool_started_in_a_closed_market_streams_when_it_opens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An ingestor (or a standby taking over) that starts while the market is shut: nothing quotes.
+    monkeypatch.setattr(tradermade, "FIRST_QUOTE_MIN", 0.3)  # deadline max(0.3, 3 x 0.2 s) = 0.6 s
+    feed = SimFeed("k", rate=40, seed=3, notify_unknown=False)
+    feed.quiet |= {"EURUSD", "GBPUSD", "XAUUSD"}
+    port = await feed.start("127.0.0.1", 0)
+    settings = IngestorSettings(upstream_urls=f"ws://127.0.0.1:{port}/", upstream_key="k",  # type: ignore[arg-type]
+                                symbols="EURUSD,GBPUSD,ZZZUSD", silence_timeout=0.2,  # type: ignore[arg-type]
+                                backoff_initial=0.05, backoff_max=0.1)
+    wanted = ["EURUSD", "GBPUSD", "ZZZUSD", "XAUUSD", "NOSUCH"]  # the last two called up on demand
+    rec = Recorder()
+    try:
+        async with pool_running(settings, rec) as pool:
+            pool.want(wanted)
+            await asyncio.sleep(1.3)  # two deadlines of a closed market
+            closed_statuses, closed_streamed = list(rec.statuses), pool.streamed()
+            feed.quiet.clear()  # the open
+            opened = time.monotonic()
+            flowing = await eventually(lambda: rec.seen(opened) == {"EURUSD", "GBPUSD", "XAUUSD"})
+            told = await eventually(lambda: ("NOSUCH", "unknown") in rec.statuses)
+            # NOSUCH leaves the wanted set and comes back: tried afresh, not unknown at once.
+            pool.want(wanted[:-1])
+            await asyncio.sleep(0.1)
+            pool.want(wanted)
+            await eventually(lambda: "NOSUCH" in pool.streamed())
+            again = time.monotonic()
+            retold = await eventually(lambda: rec.statuses.count(("NOSUCH", "unknown")) == 2)
+            streamed = pool.streamed()
+    finally:
+        await feed.close()
+    print(f"\nclosed market: statuses {closed_statuses}; after the open ticks flow in {flowing:.2f}s, "
+          f"NOSUCH unknown {told:.2f}s after it (deadline 0.6 s of live feed), again {retold:.2f}s "
+          "after it was asked for anew")
+    assert closed_statuses == [] and closed_streamed == set(wanted)
+    assert flowing < 3.0
+    assert 0.5 <= told < 4.0 and 0.5 <= retold < 4.0 and time.monotonic() - again >= 0.5
+    # A configured symbol the feed lacks is never given up on by silence.
+    assert ("ZZZUSD", "unknown") not in rec.statuses and "ZZZUSD" in streamed
 
 
 async def test_tradermade_failed_resend_ends_the_login_and_the_next_one_carries_the_change(

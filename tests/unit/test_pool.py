@@ -13,7 +13,7 @@ from ingestor import metrics
 from ingestor import pool as pool_module
 from ingestor.packing import plan
 from ingestor.pool import UpstreamPool
-from ingestor.vendors.base import Hooks
+from ingestor.vendors.base import SILENT, Hooks
 from shared.settings import IngestorSettings
 
 F = frozenset
@@ -243,3 +243,26 @@ async def test_a_failing_session_is_reopened_after_its_backoff_and_the_others_st
     assert metrics.SESSION_FAILURES._value.get() - before == 1
     failure = next(r for r in caplog.records if r.getMessage() == "upstream session failed: reopening it")
     assert failure.exc_info is not None and failure.exc_info[0] is KeyError  # the traceback is logged
+
+
+async def test_silence_never_makes_a_configured_symbol_unknown_and_unknowns_are_forgotten_when_dropped(
+        sessions: list[FakeSession]) -> None:
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("EURUSD", 0, 1), lambda q: None, lambda s, st: statuses.append((s, st)))
+    pool.want(["EURUSD", "XAUUSD", "NOSUCH"])
+    async with running(pool):
+        (session,) = sessions
+        for symbol in ("EURUSD", "XAUUSD"):
+            session.hooks.on_status(symbol, SILENT)
+        session.hooks.on_status("NOSUCH", "unknown")  # the vendor's own notice
+        await settle()
+        assert statuses == [("XAUUSD", "unknown"), ("NOSUCH", "unknown")]
+        assert session.symbols == {"EURUSD"}  # the configured one keeps its place
+        pool.want(["EURUSD"])  # both dropped (the grace ran out) ...
+        await settle()
+        pool.want(["EURUSD", "XAUUSD", "NOSUCH"])  # ... and called up again: tried afresh
+        await settle()
+        assert session.symbols == {"EURUSD", "XAUUSD", "NOSUCH"}
+        session.hooks.on_status("XAUUSD", SILENT)
+        await settle()
+        assert statuses[2:] == [("XAUUSD", "unknown")] and session.symbols == {"EURUSD", "NOSUCH"}
