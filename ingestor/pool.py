@@ -16,6 +16,10 @@ from shared.tick import Quote
 
 log = logging.getLogger("fxproxy.ingestor.pool")
 
+# Seconds before a symbol the vendor had no room for on a session is asked for there again (kabu:
+# other apps share the registration list, and free places without telling us).
+CAPACITY_RETRY = 30.0
+
 
 class UpstreamPool:
     """`want()` says what to stream; `run()` opens, changes and closes sessions to match.
@@ -26,7 +30,9 @@ class UpstreamPool:
     silent while others quoted; never a configured one by silence), forgotten when it leaves the
     wanted set so a later caller tries afresh. `connected` is set while every session that has
     symbols is logged in. A session that fails (an exception out of its `run()`) is logged,
-    counted and reopened after its own backoff; the others stream on.
+    counted and reopened after its own backoff; the others stream on. A session that reports
+    "capacity" for a symbol (the vendor's own limit, shared with others) loses it to a session with
+    room, else it is refused; either way it is tried there again after CAPACITY_RETRY.
     """
 
     def __init__(self, settings: IngestorSettings, on_quote: Callable[[Quote], None],
@@ -50,6 +56,7 @@ class UpstreamPool:
         self._order: tuple[str, ...] = ()
         self._wanted: frozenset[str] = frozenset()
         self._unknown: set[str] = set()
+        self._held_out: dict[str, dict[int, float]] = {}  # symbol -> slot -> no room there until
         self._status: dict[str, str] = {}
         self._dirty = asyncio.Event()
 
@@ -63,6 +70,8 @@ class UpstreamPool:
         # may carry it by then, or it was silent at a bad moment).
         self._unknown &= self._wanted
         self._silent_static &= self._wanted
+        for symbol in set(self._held_out) - self._wanted:
+            del self._held_out[symbol]
         for symbol in set(self._status) - self._wanted:
             del self._status[symbol]  # asked for again later: reported again
         # A symbol this vendor cannot even name (9433@1 on a forex feed) is unknown to it.
@@ -109,7 +118,8 @@ class UpstreamPool:
         for symbol in self._wanted & self._unknown:
             self._report(symbol, "unknown")
         current = [s.symbols if s is not None else frozenset() for s in self._slots]
-        layout = plan(current, self._priority(), self._per_session, len(self._slots))
+        priority = self._priority()
+        layout = plan(current, priority, self._per_session, len(self._slots), self._excluded())
         for symbol in layout.refused:
             if self._status.get(symbol) != "capacity":
                 log.warning("symbol refused: over the vendor's limits",
@@ -117,9 +127,22 @@ class UpstreamPool:
                                    "max_connections": len(self._slots)})
             self._report(symbol, "capacity")
         for slot, symbols in enumerate(layout.sessions):
-            self._apply(slot, symbols)
+            self._apply(slot, [s for s in priority if s in symbols])
         metrics.UPSTREAM_SYMBOLS.set(len(self.streamed()))
         self._link_changed()
+
+    def _excluded(self) -> dict[str, list[int]]:
+        """Slots each symbol is held out of now (the vendor said no room); expired ones dropped."""
+        now = asyncio.get_running_loop().time()
+        out: dict[str, list[int]] = {}
+        for symbol, slots in list(self._held_out.items()):
+            live = {slot: until for slot, until in slots.items() if until > now}
+            if live:
+                self._held_out[symbol] = live
+                out[symbol] = list(live)
+            else:
+                del self._held_out[symbol]
+        return out
 
     def _note_failures(self) -> None:
         """Sessions whose run() ended (a bug, or an error the driver did not expect): logged with
@@ -139,7 +162,8 @@ class UpstreamPool:
             self._reopen_at[slot] = loop.time() + delay
             loop.call_later(delay, self._dirty.set)
 
-    def _apply(self, slot: int, symbols: frozenset[str]) -> None:
+    def _apply(self, slot: int, symbols: list[str]) -> None:
+        """Give `slot` these symbols (in priority order): open, change or close its session."""
         session, task = self._slots[slot], self._tasks[slot]
         reopen_at = self._reopen_at.get(slot)
         if reopen_at is not None:
@@ -149,7 +173,7 @@ class UpstreamPool:
                 return
             del self._reopen_at[slot]
             self._slots[slot] = self._tasks[slot] = session = task = None
-        if session is not None and symbols == session.symbols:
+        if session is not None and frozenset(symbols) == session.symbols:
             return
         if not symbols:
             if task is not None:
@@ -160,7 +184,7 @@ class UpstreamPool:
         if session is not None:
             session.change(symbols)
             return
-        hooks = Hooks(self._on_quote, lambda sym, status: self._vendor_status(sym, status),
+        hooks = Hooks(self._on_quote, lambda sym, status: self._vendor_status(sym, status, slot),
                       self._link_changed)
         session = open_session(self._settings, slot, symbols, hooks)
         log.info("opening upstream session", extra={"session": slot, "symbols": len(symbols)})
@@ -170,9 +194,19 @@ class UpstreamPool:
         new.add_done_callback(lambda _: self._dirty.set())
         self._tasks[slot] = new
 
-    def _vendor_status(self, symbol: str, status: str) -> None:
+    def _vendor_status(self, symbol: str, status: str, slot: int) -> None:
         if symbol not in self._wanted:
             return  # dropped meanwhile: a late word about it binds nothing
+        if status == "capacity":
+            # No room on this session's vendor side: placed elsewhere, or refused by the next
+            # plan (which reports it), and tried here again after CAPACITY_RETRY.
+            loop = asyncio.get_running_loop()
+            log.warning("vendor has no room for a symbol on this session", extra={
+                "symbol": symbol, "session": slot, "retry_s": CAPACITY_RETRY})
+            self._held_out.setdefault(symbol, {})[slot] = loop.time() + CAPACITY_RETRY
+            loop.call_later(CAPACITY_RETRY, self._dirty.set)
+            self._dirty.set()
+            return
         if status == SILENT:
             if symbol in self._configured:
                 if symbol not in self._silent_static:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -37,7 +37,8 @@ class Hooks:
 class VendorSession(Protocol):
     """One logged-in vendor connection. `run()` opens it and keeps it open until cancelled
     (cancelling is closing); `change()` hands it a new set, applied without dropping the symbols
-    that stay where the vendor allows."""
+    that stay where the vendor allows. Symbols come in the pool's priority order (configured ones
+    first): a vendor with room for only some takes the first and reports the rest "capacity"."""
 
     @property
     def symbols(self) -> frozenset[str]: ...
@@ -45,7 +46,7 @@ class VendorSession(Protocol):
     @property
     def up(self) -> bool: ...
 
-    def change(self, symbols: frozenset[str]) -> None: ...
+    def change(self, symbols: Sequence[str]) -> None: ...
 
     async def run(self) -> None: ...
 

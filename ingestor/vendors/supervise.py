@@ -57,7 +57,8 @@ class Supervised(ABC):
         if not urls:
             raise ValueError("at least one upstream URL is required")
         self._urls = list(urls)
-        self._symbols = frozenset(symbols)
+        self._order = tuple(dict.fromkeys(symbols))  # priority order (see VendorSession)
+        self._symbols = frozenset(self._order)
         self._hooks = hooks
         self._silence = silence_timeout
         self._backoff = backoff or Backoff()
@@ -75,8 +76,9 @@ class Supervised(ABC):
     def up(self) -> bool:
         return self.connected.is_set()
 
-    def change(self, symbols: frozenset[str]) -> None:
-        old, self._symbols = self._symbols, frozenset(symbols)
+    def change(self, symbols: Sequence[str]) -> None:
+        old, self._order = self._symbols, tuple(dict.fromkeys(symbols))
+        self._symbols = frozenset(self._order)
         if old != self._symbols:
             self._changed(old)
 

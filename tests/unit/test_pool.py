@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 
 import pytest
 
@@ -58,6 +58,7 @@ class FakeSession:
 
     def __init__(self, slot: int, symbols: Collection[str], hooks: Hooks) -> None:
         self.slot, self._symbols, self.hooks = slot, frozenset(symbols), hooks
+        self.order = list(symbols)  # the priority order it was given
         self.up = False
         self.changes: list[frozenset[str]] = []
         self.closed = False
@@ -67,9 +68,10 @@ class FakeSession:
     def symbols(self) -> frozenset[str]:
         return self._symbols
 
-    def change(self, symbols: frozenset[str]) -> None:
-        self._symbols = symbols
-        self.changes.append(symbols)
+    def change(self, symbols: Sequence[str]) -> None:
+        self.order = list(symbols)
+        self._symbols = frozenset(symbols)
+        self.changes.append(self._symbols)
 
     def login(self) -> None:
         self.up = True
@@ -266,3 +268,43 @@ async def test_silence_never_makes_a_configured_symbol_unknown_and_unknowns_are_
         session.hooks.on_status("XAUUSD", SILENT)
         await settle()
         assert statuses[2:] == [("XAUUSD", "unknown")] and session.symbols == {"EURUSD", "NOSUCH"}
+
+
+def test_a_symbol_is_never_placed_on_a_slot_the_vendor_had_no_room_on() -> None:
+    current = [F({"A", "B"}), F()]
+    # B had no room on slot 0's vendor: it moves to slot 1, C fills the place left on slot 0.
+    layout = plan(current, ["A", "B", "C"], per_session=3, max_sessions=2, excluded={"B": [0]})
+    assert layout.sessions == (F({"A", "C"}), F({"B"})) and layout.refused == ()
+    # Compacting does not move it back either; with no other slot it is refused.
+    layout = plan([F({"A"}), F({"B"})], ["A", "B"], per_session=3, max_sessions=2, excluded={"B": [0]})
+    assert layout.sessions == (F({"A"}), F({"B"}))
+    layout = plan([F({"A", "B"})], ["A", "B", "C"], per_session=3, max_sessions=1, excluded={"B": [0]})
+    assert layout.sessions == (F({"A", "C"}),) and layout.refused == ("B",)
+
+
+async def test_vendor_capacity_moves_a_symbol_to_a_session_with_room_and_retries_on_a_timer(
+        sessions: list[FakeSession], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "CAPACITY_RETRY", 0.3)
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("S03,S01,S02", 3, 2), lambda q: None, lambda s, st: statuses.append((s, st)))
+    pool.want(["S03", "S01", "S02", "D01"])
+    loop = asyncio.get_running_loop()
+    async with running(pool):
+        first, second = sessions
+        # Sessions get their symbols in priority order: configured ones as configured, then demand.
+        assert first.order == ["S03", "S01", "S02"] and second.order == ["D01"]
+        first.hooks.on_status("S02", "capacity")  # another app holds the rest of slot 0's list
+        await settle()
+        assert first.symbols == {"S03", "S01"} and second.symbols == {"D01", "S02"}
+        assert statuses == []  # it found room: not refused
+        second.hooks.on_status("S02", "capacity")  # no room there either: refused
+        refused_at = loop.time()
+        await settle()
+        assert statuses == [("S02", "capacity")] and "S02" not in pool.streamed()
+        while "S02" not in pool.streamed():  # asked for again with no change to the wanted set
+            assert loop.time() - refused_at < 3.0, "a vendor-refused symbol was never retried"
+            await asyncio.sleep(0.01)
+        took = loop.time() - refused_at
+        assert "S02" in first.symbols | second.symbols
+    print(f"\nvendor-refused symbol asked for again after {took:.2f}s (retry 0.3 s)")
+    assert 0.25 <= took < 3.0
