@@ -7,9 +7,13 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Sequence
 
+import pytest
+
+from ingestor import pool as pool_module
 from ingestor.pool import UpstreamPool
+from ingestor.vendors.base import Hooks
 from ingestor.vendors.supervise import Supervised
 from shared.settings import IngestorSettings
 from shared.tick import Quote
@@ -64,3 +68,63 @@ async def session_running(session: Supervised) -> AsyncIterator[Supervised]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class FakeSession:
+    """Records what the pool hands it; the test plays the vendor through its hooks."""
+
+    def __init__(self, slot: int, symbols: Collection[str], hooks: Hooks) -> None:
+        self.slot, self._symbols, self.hooks = slot, frozenset(symbols), hooks
+        self.order = list(symbols)  # the priority order it was given
+        self.up = False
+        self.changes: list[frozenset[str]] = []
+        self.closed = False
+        self.failing = asyncio.Event()
+
+    @property
+    def symbols(self) -> frozenset[str]:
+        return self._symbols
+
+    def change(self, symbols: Sequence[str]) -> None:
+        self.order = list(symbols)
+        self._symbols = frozenset(symbols)
+        self.changes.append(self._symbols)
+
+    def login(self) -> None:
+        self.up = True
+        self.hooks.on_link()
+
+    async def run(self) -> None:
+        try:
+            await self.failing.wait()
+            raise KeyError("a bug in the driver")
+        finally:
+            self.closed = True
+
+    def fail(self) -> None:
+        """End run() with an error the driver did not expect."""
+        self.failing.set()
+
+
+def fake_sessions(monkeypatch: pytest.MonkeyPatch) -> list[FakeSession]:
+    """Make the pool open FakeSessions; the list of those it opened, in order."""
+    opened: list[FakeSession] = []
+
+    def fake(settings: IngestorSettings, slot: int, symbols: Collection[str], hooks: Hooks) -> FakeSession:
+        opened.append(FakeSession(slot, symbols, hooks))
+        return opened[-1]
+
+    monkeypatch.setattr(pool_module, "open_session", fake)
+    return opened
+
+
+def settings(static: str, per: int, conns: int, **kw: object) -> IngestorSettings:
+    """A forex pool's settings: `per` symbols on each of `conns` sessions."""
+    return IngestorSettings(symbols=static, upstream_urls="ws://127.0.0.1:1/",  # type: ignore[arg-type]
+                            upstream_max_symbols=per, upstream_max_connections=conns, **kw)  # type: ignore[arg-type]
+
+
+async def settle() -> None:
+    """Let the pool and its sessions run what is ready."""
+    for _ in range(5):
+        await asyncio.sleep(0)

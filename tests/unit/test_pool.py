@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,8 +13,9 @@ from ingestor import metrics
 from ingestor import pool as pool_module
 from ingestor.packing import plan
 from ingestor.pool import UpstreamPool
-from ingestor.vendors.base import SILENT, Hooks
+from ingestor.vendors.base import SILENT
 from shared.settings import IngestorSettings
+from tests.support.upstream import FakeSession, fake_sessions, settings, settle
 
 F = frozenset
 
@@ -53,57 +54,9 @@ def test_a_session_whose_symbols_fit_elsewhere_is_emptied() -> None:
     assert layout.sessions == (F(), F({"A", "C", "D"}))
 
 
-class FakeSession:
-    """Records what the pool hands it; the test plays the vendor through its hooks."""
-
-    def __init__(self, slot: int, symbols: Collection[str], hooks: Hooks) -> None:
-        self.slot, self._symbols, self.hooks = slot, frozenset(symbols), hooks
-        self.order = list(symbols)  # the priority order it was given
-        self.up = False
-        self.changes: list[frozenset[str]] = []
-        self.closed = False
-        self.failing = asyncio.Event()
-
-    @property
-    def symbols(self) -> frozenset[str]:
-        return self._symbols
-
-    def change(self, symbols: Sequence[str]) -> None:
-        self.order = list(symbols)
-        self._symbols = frozenset(symbols)
-        self.changes.append(self._symbols)
-
-    def login(self) -> None:
-        self.up = True
-        self.hooks.on_link()
-
-    async def run(self) -> None:
-        try:
-            await self.failing.wait()
-            raise KeyError("a bug in the driver")
-        finally:
-            self.closed = True
-
-    def fail(self) -> None:
-        """End run() with an error the driver did not expect."""
-        self.failing.set()
-
-
 @pytest.fixture
 def sessions(monkeypatch: pytest.MonkeyPatch) -> list[FakeSession]:
-    opened: list[FakeSession] = []
-
-    def fake(settings: IngestorSettings, slot: int, symbols: Collection[str], hooks: Hooks) -> FakeSession:
-        opened.append(FakeSession(slot, symbols, hooks))
-        return opened[-1]
-
-    monkeypatch.setattr(pool_module, "open_session", fake)
-    return opened
-
-
-def settings(static: str, per: int, conns: int, **kw: object) -> IngestorSettings:
-    return IngestorSettings(symbols=static, upstream_urls="ws://127.0.0.1:1/",  # type: ignore[arg-type]
-                            upstream_max_symbols=per, upstream_max_connections=conns, **kw)  # type: ignore[arg-type]
+    return fake_sessions(monkeypatch)
 
 
 @contextlib.asynccontextmanager
@@ -116,11 +69,6 @@ async def running(pool: UpstreamPool) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 async def test_pool_refuses_capacity_excess_and_static_symbols_go_first(sessions: list[FakeSession]) -> None:
