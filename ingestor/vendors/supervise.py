@@ -21,7 +21,9 @@ class UpstreamSilent(Exception):
 
 
 class Relogin(Exception):
-    """The session's set changed in a way only a new login can apply: reconnect at once."""
+    """Raised by a dialect's `_connect` when its set changed in a way only a new login can apply
+    (neither built-in dialect needs it: both change symbols on the open link): the session logs
+    in again at once, on the same URL, without backoff."""
 
 
 def loggable(url: str) -> str:
@@ -37,7 +39,8 @@ class Supervised(ABC):
     """Stays connected until cancelled, moving to the next URL after each failure.
 
     A dialect implements `_connect(url)`: log in, call `_logged_in()`, then read until the link
-    ends (return, or raise one of `errors`), feeding each received message to `_received()`.
+    ends (return, or raise one of `errors`, or Relogin), calling `_heard()` for each message and
+    `_deliver()` for each quote; and `_changed(old)` to apply a new set.
     """
 
     errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, UpstreamSilent)
