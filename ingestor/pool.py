@@ -19,6 +19,9 @@ log = logging.getLogger("fxproxy.ingestor.pool")
 # Seconds before a symbol the vendor had no room for on a session is asked for there again (kabu:
 # other apps share the registration list, and free places without telling us).
 CAPACITY_RETRY = 30.0
+# A timer may wake the pool a hair before what it was set for: within this, it counts as due
+# (else the wake-up would find nothing due and no later one would come).
+DUE_SLACK = 0.01
 
 
 class UpstreamPool:
@@ -133,7 +136,7 @@ class UpstreamPool:
 
     def _excluded(self) -> dict[str, list[int]]:
         """Slots each symbol is held out of now (the vendor said no room); expired ones dropped."""
-        now = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time() + DUE_SLACK
         out: dict[str, list[int]] = {}
         for symbol, slots in list(self._held_out.items()):
             live = {slot: until for slot, until in slots.items() if until > now}
@@ -167,7 +170,7 @@ class UpstreamPool:
         session, task = self._slots[slot], self._tasks[slot]
         reopen_at = self._reopen_at.get(slot)
         if reopen_at is not None:
-            if symbols and asyncio.get_running_loop().time() < reopen_at:
+            if symbols and asyncio.get_running_loop().time() + DUE_SLACK < reopen_at:
                 assert session is not None
                 session.change(symbols)  # recorded on the dead session: applied when it reopens
                 return

@@ -139,7 +139,6 @@ async def test_tradermade_pool_started_in_a_closed_market_streams_when_it_opens(
             await asyncio.sleep(0.1)
             pool.want(wanted)
             await eventually(lambda: "NOSUCH" in pool.streamed())
-            again = time.monotonic()
             retold = await eventually(lambda: rec.statuses.count(("NOSUCH", "unknown")) == 2)
             streamed = pool.streamed()
     finally:
@@ -149,7 +148,9 @@ async def test_tradermade_pool_started_in_a_closed_market_streams_when_it_opens(
           "after it was asked for anew")
     assert closed_statuses == [] and closed_streamed == set(wanted)
     assert flowing < 3.0
-    assert 0.5 <= told < 4.0 and 0.5 <= retold < 4.0 and time.monotonic() - again >= 0.5
+    # Not judged while the market was shut (before the fix: unknown before the open, told ~0 s);
+    # the lower bound leaves a loaded machine's long pending-clock step (up to 0.3 s) its due.
+    assert 0.3 <= told < 4.0 and 0.3 <= retold < 4.0
     # A configured symbol the feed lacks is never given up on by silence.
     assert ("ZZZUSD", "unknown") not in rec.statuses and "ZZZUSD" in streamed
 

@@ -241,18 +241,18 @@ async def test_vendor_capacity_moves_a_symbol_to_a_session_with_room_and_retries
         first, second = sessions
         # Sessions get their symbols in priority order: configured ones as configured, then demand.
         assert first.order == ["S03", "S01", "S02"] and second.order == ["D01"]
+        held_out_at = loop.time()
         first.hooks.on_status("S02", "capacity")  # another app holds the rest of slot 0's list
         await settle()
         assert first.symbols == {"S03", "S01"} and second.symbols == {"D01", "S02"}
         assert statuses == []  # it found room: not refused
         second.hooks.on_status("S02", "capacity")  # no room there either: refused
-        refused_at = loop.time()
         await settle()
         assert statuses == [("S02", "capacity")] and "S02" not in pool.streamed()
         while "S02" not in pool.streamed():  # asked for again with no change to the wanted set
-            assert loop.time() - refused_at < 3.0, "a vendor-refused symbol was never retried"
+            assert loop.time() - held_out_at < 3.0, "a vendor-refused symbol was never retried"
             await asyncio.sleep(0.01)
-        took = loop.time() - refused_at
+        took = loop.time() - held_out_at
         assert "S02" in first.symbols | second.symbols
-    print(f"\nvendor-refused symbol asked for again after {took:.2f}s (retry 0.3 s)")
-    assert 0.25 <= took < 3.0
+    print(f"\nvendor-refused symbol asked for again {took:.2f}s after its first refusal (retry 0.3 s)")
+    assert 0.29 <= took < 3.0  # the timer, less the pool's 10 ms slack for early wake-ups
