@@ -19,10 +19,10 @@ from websockets.protocol import OPEN
 from edge import metrics
 from edge import protocol as proto
 from edge.catchup import CatchUp, catch_up, replay_size
-from edge.demand import NOT_IN_CATALOG, Refusal
+from edge.demand import PENDING, SERVE, Judgement, judge
 from edge.protocol import CloseCode, ErrorCode, FrameError
 from shared.keystore import KeyRecord, hash_key
-from shared.tick import to_tradermade
+from shared.tick import Position, to_tradermade
 
 if TYPE_CHECKING:
     from edge.auth import Identity
@@ -176,25 +176,29 @@ class Commands:
         hub.acquire(wanted)  # no await between this and the try: nothing can leak
         try:
             plans = await self._catch_up(wanted, since)
-            missing = [s for s in wanted if plans[s] is None]
-            verdicts = await self._judge(missing)
+            verdicts = await self._judge({s: p.position if (p := plans[s]) else None for s in wanted})
             if not self._live:
                 return
-            # No await from here to attach(): no tick can slip in between. A symbol that had no
-            # tick may have got its first one while we asked: the hub (subscribed) holds it.
-            for symbol in missing:
-                plans[symbol] = self._replan(symbol, since.get(symbol))
-            pending = [s for s in missing if plans[s] is None and verdicts.get(s) is None]
+            # No await from here to attach(): no tick can slip in between. A symbol served that
+            # had no tick may have got its first one while we asked: the hub (subscribed) holds it.
             refused: dict[tuple[ErrorCode, str], list[str]] = {}
-            for symbol in missing:
-                if plans[symbol] is None and (refusal := verdicts.get(symbol)) is not None:
-                    refused.setdefault(refusal, []).append(symbol)
+            for symbol in wanted:
+                verdict = verdicts[symbol]
+                if isinstance(verdict, tuple):
+                    refused.setdefault(verdict, []).append(symbol)
+                elif verdict == PENDING:
+                    plans[symbol] = None  # nothing stored is current: the next tick is its first
+                else:
+                    plans[symbol] = plans[symbol] or self._replan(symbol, since.get(symbol))
             for (code, what), refused_symbols in refused.items():
                 self._symbol_error(code, what, refused_symbols, id)
-            attached = [s for s in wanted if plans[s] is not None or s in pending]
+            attached = [s for s in wanted if verdicts[s] in (SERVE, PENDING)]
+            pending = [s for s in attached if plans[s] is None]
             if not conn.tradermade and (attached or plan.already):
                 recovered = {s: p.recovered for s in attached
                              if (p := plans[s]) is not None and p.recovered is not None}
+                # A resume of a pending symbol cannot be exact: say so, like any refused resume.
+                recovered.update({s: False for s in pending if s in since})
                 rates = {s: rate for s in attached} if rate is not None else None
                 conn.send(proto.subscribed(id, attached + plan.already, recovered, rates, pending))
             assert conn.writer is not None
@@ -247,13 +251,12 @@ class Commands:
                 break
         return plans
 
-    async def _judge(self, symbols: list[str]) -> dict[str, Refusal | None]:
-        """Symbols no tick exists for: None when pending (the catalogue allows them), else why not."""
+    async def _judge(self, symbols: dict[str, Position | None]) -> dict[str, Judgement]:
+        """Each symbol (with the newest position found) served, pending, or refused and why (see
+        edge/demand.py). Without a demand store, only what has ticked is served."""
         demand = self.conn.server.demand
-        if not symbols:
-            return {}
         if demand is None:
-            return {s: NOT_IN_CATALOG for s in symbols}
+            return judge(symbols, None, {})
         return await demand.judge(symbols)
 
     def _replan(self, symbol: str, since: proto.Since | None) -> CatchUp | None:
@@ -263,8 +266,9 @@ class Commands:
         return catch_up(since, self.conn.server.hub.last(symbol), None, None,
                         self.conn.server.settings.replay_limit, writer.room() // 2)
 
-    def refuse_pending(self, symbol: str, code: ErrorCode, what: str) -> None:
-        """The upstream refused a symbol this client waits for: say so and drop it."""
+    def refuse(self, symbol: str, code: ErrorCode, what: str) -> None:
+        """The leader refused a symbol this client holds (waiting for it, or streaming it until
+        now): say so and drop it, never leave it silent."""
         self._symbol_error(code, what, [symbol], None)
         self.drop([symbol])
 

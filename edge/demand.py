@@ -1,17 +1,20 @@
-"""This edge's side of symbols on demand: publishing what its clients want, and judging a
-subscription to a symbol that has no tick yet (pending, or refused with which error)."""
+"""This edge's side of symbols on demand: publishing what its clients want, and judging every
+subscription against the catalogue and the leader's verdicts: served (snapshot or replay),
+pending (no snapshot: the symbol is not streamed now, or what is stored predates this stream),
+or refused with which error."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
-from typing import NoReturn
+from collections.abc import Callable, Collection, Mapping
+from typing import Literal, NoReturn
 
 from redis.exceptions import RedisError
 
 from edge.protocol import ErrorCode
-from shared.demand import Catalog, DemandStore, SymbolStatus
+from shared.demand import Catalog, DemandStore, SymbolStatus, Verdict
+from shared.tick import Position
 
 log = logging.getLogger("fxproxy.edge.demand")
 
@@ -27,18 +30,37 @@ REFUSALS: dict[SymbolStatus, Refusal] = {
 }
 
 
-def judge(symbols: Collection[str], catalog: Catalog | None,
-          statuses: dict[str, SymbolStatus]) -> dict[str, Refusal | None]:
-    """For symbols with no tick anywhere yet: None (pending: the catalogue allows it and the
-    upstream has not refused it), or why it is refused. No catalogue: nothing is on demand."""
-    out: dict[str, Refusal | None] = {}
-    for symbol in symbols:
-        if catalog is None or not catalog.allows(symbol):
+SERVE: Literal["serve"] = "serve"  # as any streamed symbol: its snapshot or replay (pending if none)
+PENDING: Literal["pending"] = "pending"  # subscribed, no snapshot: the first tick is the next one
+Judgement = Refusal | Literal["serve", "pending"]
+
+
+def judge(symbols: Mapping[str, Position | None], catalog: Catalog | None,
+          verdicts: Mapping[str, Verdict]) -> dict[str, Judgement]:
+    """Each symbol (with the newest position this edge or Redis holds) against the catalogue and
+    the leader's verdicts. Refused: outside the catalogue, or capacity/unknown. A configured
+    symbol is served. An on-demand one is served only while streamed and when what is stored
+    belongs to this stream (at or after its first tick this term); otherwise it is pending, and
+    an old stored tick is not handed out as if current. No catalogue (no leader yet, or no demand
+    store): only what has ticked is served."""
+    out: dict[str, Judgement] = {}
+    for symbol, newest in symbols.items():
+        verdict = verdicts.get(symbol)
+        if catalog is None:
+            out[symbol] = SERVE if newest is not None else NOT_IN_CATALOG
+        elif not catalog.allows(symbol):
             out[symbol] = NOT_IN_CATALOG
+        elif verdict is not None and verdict.refused:
+            out[symbol] = REFUSALS[verdict.status]
         else:
-            status = statuses.get(symbol)
-            out[symbol] = REFUSALS.get(status) if status is not None else None
+            current = verdict is not None and newest is not None and _covers(verdict.since, newest)
+            out[symbol] = SERVE if symbol in catalog.static or current else PENDING
     return out
+
+
+def _covers(since: Position | None, newest: Position) -> bool:
+    """Whether a stored tick at `newest` is part of the stream that started at `since`."""
+    return since is None or (newest.epoch == since.epoch and newest.seq >= since.seq)
 
 
 class EdgeDemand:
@@ -83,8 +105,8 @@ class EdgeDemand:
             await self.store.withdraw(self._edge_id)
             self._published = frozenset()
 
-    async def judge(self, symbols: Collection[str]) -> dict[str, Refusal | None]:
-        """judge() with the catalogue (cached CATALOG_TTL) and the statuses of those it allows."""
+    async def judge(self, symbols: Mapping[str, Position | None]) -> dict[str, Judgement]:
+        """judge() with the catalogue (cached CATALOG_TTL) and the verdicts of those it allows."""
         now = asyncio.get_running_loop().time()
         if self._catalog is None or self._catalog_at is None or now - self._catalog_at > CATALOG_TTL:
             # None (no leader has written one yet) is not kept: the first one is used at once.

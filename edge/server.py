@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from edge import metrics
 from edge.auth import Authenticator, Identity
 from edge.connection import Connection
-from edge.demand import REFUSALS, EdgeDemand
+from edge.demand import NOT_IN_CATALOG, REFUSALS, EdgeDemand, Refusal
 from edge.handshake import parse_networks
 from edge.hub import Hub
 from edge.protocol import CloseCode
@@ -21,7 +21,7 @@ from edge.ratelimit import KeyedLimiter
 from edge.writer import Flusher
 from shared.bus import Bus
 from shared.bus_probe import BusProbe
-from shared.demand import DemandStore, SymbolStatus, parse_symbol_status
+from shared.demand import DemandStore, Verdict, parse_symbol_status
 from shared.metrics import render_metrics
 from shared.settings import EdgeSettings
 
@@ -92,7 +92,7 @@ class EdgeServer:
             self.hub.recover()
             for key_hash in list(self.by_key):
                 self.spawn(self._reload_key(key_hash))
-            self.spawn(self._recheck_pending())
+            self.spawn(self._recheck_statuses())
 
     def on_control(self, data: bytes) -> None:
         try:
@@ -103,35 +103,47 @@ class EdgeServer:
             log.warning("bad control event ignored")
             return
         if status is not None:
-            self._symbol_status(*status)
+            symbol, verdict = status
+            if verdict.refused:
+                self._refuse(symbol, REFUSALS[verdict.status])
         elif isinstance(key_hash, str) and key_hash in self.by_key:
             self.spawn(self._reload_key(key_hash))
 
-    def _symbol_status(self, symbol: str, status: SymbolStatus) -> None:
-        """The upstream refused a symbol: clients waiting for its first tick get the error."""
-        refusal = REFUSALS.get(status)
-        if refusal is None or self.hub.last(symbol) is not None:
-            return  # streaming, or it has ticked on this edge: nobody here is waiting
+    def _refuse(self, symbol: str, refusal: Refusal) -> None:
+        """A symbol is refused (the leader's verdict, or gone from the catalogue): every client
+        holding it, waiting for its first tick or streaming it until now, gets the error and loses
+        it. Never silence."""
+        refused = 0
         for conns in list(self.by_key.values()):
             for conn in list(conns):
                 if symbol in conn.session.symbols:
-                    conn.commands.refuse_pending(symbol, *refusal)
+                    conn.commands.refuse(symbol, *refusal)
+                    refused += 1
+        if refused:
+            log.info("symbol refused to its clients", extra={"symbol": symbol, "code": refusal[0].value,
+                                                            "clients": refused})
 
-    async def _recheck_pending(self) -> None:
+    async def _recheck_statuses(self) -> None:
         """Refusals whose fx:ctl event this edge missed (sent while the bus was away, or between a
-        client's status read and its attach): read them back for symbols still without a tick."""
+        client's status read and its attach), and symbols the catalogue no longer allows: read
+        back for every symbol this edge holds."""
         if self.demand is None:
             return
-        waiting = [s for s in self.hub.symbols() if self.hub.last(s) is None]
-        if not waiting:
+        held = list(self.hub.symbols())
+        if not held:
             return
         try:
-            statuses = await self.demand.store.statuses(waiting)
+            catalog = await self.demand.store.catalog()
+            verdicts: dict[str, Verdict] = await self.demand.store.statuses(held)
         except (RedisError, OSError) as exc:
-            log.warning("rechecking pending symbols failed", extra={"error": str(exc)})
+            log.warning("rechecking symbol statuses failed", extra={"error": str(exc)})
             return
-        for symbol, status in statuses.items():
-            self._symbol_status(symbol, status)
+        for symbol in held:
+            verdict = verdicts.get(symbol)
+            if catalog is not None and not catalog.allows(symbol):
+                self._refuse(symbol, NOT_IN_CATALOG)
+            elif verdict is not None and verdict.refused:
+                self._refuse(symbol, REFUSALS[verdict.status])
 
     async def _reload_key(self, key_hash: str) -> None:
         try:
@@ -217,7 +229,7 @@ class EdgeServer:
                     await self.demand.publish()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
-            await self._recheck_pending()
+            await self._recheck_statuses()
             await asyncio.sleep(interval)
 
     async def keepalive(self) -> None:

@@ -4,8 +4,11 @@ every call, at most 50 registered symbols, errors as {"Code": ..., "Message": ..
 
 For tests: `token_ttl` ends the token like the early-morning forced logout (registrations are
 dropped and push sockets closed); GET /_sim/status says what it holds; POST /_sim/logout logs out;
-`register_elsewhere()` puts another app's symbols on the list; a symbol in `unlisted` is accepted
-by PUT /register but left out of its RegistList.
+`register_elsewhere()` / `unregister_elsewhere()` are another app changing the shared list; a
+symbol in `unlisted` is accepted by PUT /register but left out of its RegistList; `full_code` is
+the code a registration over the limit gets (4002006, 4001018, or 4001019, which registers what
+fits first); `max_calls` per second are answered, the rest get HTTP 429 with 4001006.
+Unregistering a symbol that is not registered gets 4001020 (4001021 when only some are not).
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from ingestor.vendors.kabu import (
+    CALLS_EXCEEDED,
     JST,
     REGISTER_LIMIT,
+    REGISTER_PARTLY,
     SYMBOL_NOT_FOUND,
     TOKEN_MISMATCH,
+    UNREGISTER_FAILED,
+    UNREGISTER_PARTLY,
     WRONG_PASSWORD,
     join_symbol,
 )
@@ -107,8 +114,14 @@ def board_push(symbol: str, board: Board, buy: float, sell: float) -> dict[str, 
 
 class SimKabu:
     def __init__(self, password: str, rate: float, *, max_symbols: int = 0, token_ttl: float = 0.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, full_code: int = REGISTER_LIMIT, max_calls: float = 0.0) -> None:
         self._password = password
+        self.full_code = full_code
+        self._max_calls = max_calls
+        self._allowance = max_calls
+        self._allowance_at = 0.0
+        self.calls = 0  # REST calls answered (throttled ones not counted)
+        self.throttled = 0
         self._rate = rate
         self._max_symbols = max_symbols or KABU_MAX_SYMBOLS
         self._ttl = token_ttl
@@ -119,13 +132,14 @@ class SimKabu:
         self.logouts = 0
         self.registered: list[str] = []
         self.unlisted: set[str] = set()
+        self.cleared_all = 0  # PUT /unregister/all calls: every app's registrations gone
         self._sockets: set[web.WebSocketResponse] = set()
         self._expires_at = 0.0
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, host: str, port: int) -> int:
-        app = web.Application()
+        app = web.Application(middlewares=[self._throttle])
         app.add_routes([
             web.post("/kabusapi/token", self._token),
             web.put("/kabusapi/register", self._register),
@@ -154,6 +168,22 @@ class SimKabu:
             await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _throttle(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """At most `max_calls` REST calls a second (a token bucket of that burst); the rest 429."""
+        if self._max_calls and request.path.startswith("/kabusapi/") and request.method != "GET":
+            now = asyncio.get_running_loop().time()
+            self._allowance = min(self._max_calls,
+                                  self._allowance + (now - self._allowance_at) * self._max_calls)
+            self._allowance_at = now
+            if self._allowance < 1.0:
+                self.throttled += 1
+                return _error(429, CALLS_EXCEEDED, "API実行回数エラー")
+            self._allowance -= 1.0
+        self.calls += 1
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def _token(self, request: web.Request) -> web.Response:
         body = await self._json(request)
@@ -199,8 +229,11 @@ class SimKabu:
         new = [s for s in dict.fromkeys(symbols) if s not in self.registered and s not in self.unlisted]
         if len(self.registered) + len(new) > self._max_symbols:
             log.info("refused a registration over the limit",
-                     extra={"registered": len(self.registered), "asked": len(new)})
-            return _error(400, REGISTER_LIMIT, "登録銘柄数上限")
+                     extra={"registered": len(self.registered), "asked": len(new), "code": self.full_code})
+            if self.full_code == REGISTER_PARTLY:
+                self.registered += new[:max(0, self._max_symbols - len(self.registered))]
+                return _error(400, REGISTER_PARTLY, "一部の銘柄が登録できませんでした")
+            return _error(400, self.full_code, "銘柄が登録できませんでした")
         self.registered += new
         log.info("registered", extra={"symbols": new, "registered": len(self.registered)})
         return self._regist_list()
@@ -209,17 +242,29 @@ class SimKabu:
         """Another app's registrations: the list is kabuステーション's, so they count toward its limit."""
         self.registered += [s for s in dict.fromkeys(symbols) if s not in self.registered]
 
+    def unregister_elsewhere(self, symbols: Iterable[str]) -> None:
+        """Another app (or a person at kabuステーション) unregisters: ours too, if it names them."""
+        gone = set(symbols)
+        self.registered = [s for s in self.registered if s not in gone]
+
     async def _unregister(self, request: web.Request) -> web.Response:
         symbols = await self._symbols(request)
         if isinstance(symbols, web.Response):
             return symbols
+        missing = [s for s in symbols if s not in self.registered]
         self.registered = [s for s in self.registered if s not in symbols]
-        log.info("unregistered", extra={"symbols": symbols, "registered": len(self.registered)})
+        log.info("unregistered", extra={"symbols": symbols, "registered": len(self.registered),
+                                        "not_registered": missing})
+        if missing and len(missing) == len(symbols):
+            return _error(400, UNREGISTER_FAILED, "銘柄が解除できませんでした")
+        if missing:
+            return _error(400, UNREGISTER_PARTLY, "一部の銘柄が解除できませんでした")
         return self._regist_list()
 
     async def _unregister_all(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _error(401, TOKEN_MISMATCH, "APIキー不一致")
+        self.cleared_all += 1
         self.registered = []
         return _ok({"RegistList": []})
 

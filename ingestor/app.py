@@ -14,22 +14,24 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 
 from redis.exceptions import RedisError
 
 from ingestor import metrics
 from ingestor.backoff import Backoff
-from ingestor.demand import DemandWatcher, StatusReporter
+from ingestor.demand import DemandWatcher, take_over
 from ingestor.leader import Leadership, SoleLeader
 from ingestor.pool import UpstreamPool
 from ingestor.publisher import Publisher
 from ingestor.sequencer import Sequencer
+from ingestor.verdicts import StatusBook, StatusReporter
 from shared.bus import Bus, Fenced
 from shared.bus_probe import BusProbe
-from shared.demand import DemandStore, MemoryDemandStore, SymbolStatus
+from shared.demand import DemandStore, Handover, MemoryDemandStore
 from shared.metrics import serve_health
 from shared.settings import IngestorSettings
+from shared.tick import Position, Quote
 
 log = logging.getLogger("fxproxy.ingestor")
 T = TypeVar("T")
@@ -173,23 +175,35 @@ async def _start_term(state: _State, settings: IngestorSettings, token: str) -> 
 async def _stream(settings: IngestorSettings, state: _State, publisher: Publisher,
                   demand: DemandStore) -> NoReturn:
     """Stream the static symbols and what demand asks for (ingestor/demand.py) through the session
-    pool; its verdicts (streaming, capacity, unknown) reach waiting clients through the reporter."""
+    pool; its verdicts (streaming since a position, capacity, unknown) reach edges through the
+    reporter (ingestor/verdicts.py)."""
+    seed: Handover = []
     try:
-        # A previous leader's verdicts (capacity, unknown) do not bind this term's sessions, and a
-        # stale one would refuse every later subscriber at once: this term's pool reports its own.
-        await asyncio.wait_for(demand.reset_statuses(), settings.leader_ttl / 3)
+        # What the previous leader streamed keeps its place (read before its verdicts go); its
+        # verdicts themselves do not bind this term's sessions, and a stale one would refuse
+        # every later subscriber at once: this term reports its own.
+        async with asyncio.timeout(settings.leader_ttl / 3):
+            seed = await take_over(demand)
+            await demand.reset_statuses()
     except LEASE_ERRORS as exc:
-        log.warning("clearing symbol statuses failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        log.warning("taking over symbol statuses failed", extra={"error": f"{type(exc).__name__}: {exc}"})
     reporter = StatusReporter(demand, state.bus)
+    book = StatusBook(reporter.report)
 
-    def on_status(symbol: str, status: str) -> None:
-        reporter.report(symbol, cast(SymbolStatus, status))
+    def on_quote(quote: Quote) -> None:
+        tick = state.sequencer.number(quote)
+        publisher.put(tick)
+        book.quoted(tick.symbol, Position(tick.epoch, tick.seq))
 
-    pool = UpstreamPool(settings, lambda quote: publisher.put(state.sequencer.number(quote)),
-                        on_status, connected=state.upstream_up)
-    pool.want(settings.symbols)
+    pool = UpstreamPool(settings, on_quote, book.pool_status, connected=state.upstream_up)
+
+    def want(symbols: tuple[str, ...]) -> None:
+        book.want(symbols)
+        pool.want(symbols)
+
+    want(tuple(settings.symbols))
     watcher = DemandWatcher(demand, settings.symbols, settings.on_demand, settings.demand_grace,
-                            pool.want)
+                            want, seed=seed)
     tasks = [asyncio.create_task(job) for job in (pool.run(), watcher.run(), reporter.run())]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

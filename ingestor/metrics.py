@@ -8,6 +8,8 @@ NOTICES = Counter("fxproxy_ingestor_vendor_notices", "Non-tick texts received fr
 TICKS_PUBLISHED = Counter("fxproxy_ingestor_ticks_published", "Ticks published to the bus")
 PUBLISH_ERRORS = Counter("fxproxy_ingestor_publish_errors", "Failed publish round trips")
 DROPPED = Counter("fxproxy_ingestor_ticks_dropped", "Ticks dropped because the queue was full")
+SESSION_FAILURES = Counter("fxproxy_ingestor_upstream_session_failures",
+                           "Upstream sessions that ended with an unexpected error (reopened)")
 RECONNECTS = Counter("fxproxy_ingestor_upstream_reconnects", "Upstream connection attempts after a loss")
 UPSTREAM_UP = Gauge("fxproxy_ingestor_upstream_connected", "1 while every upstream session is logged in")
 UPSTREAM_SYMBOLS = Gauge("fxproxy_ingestor_upstream_symbols", "Symbols streamed from upstream now")

@@ -3,9 +3,11 @@
 Each edge keeps the set of its clients' symbols in `fx:demand:{edge_id}`, with the TTL of its
 heartbeat, so a dead edge's demand expires; the leading ingestor reads the union over edges
 whose heartbeat in `fx:edges` is live. The leader publishes the catalogue (`fx:catalog`: the
-static symbols and the on-demand globs), so an edge tells a symbol not streamed yet ("pending")
-from one nobody may call up ("unknown_symbol"), and the upstream's verdict per symbol
-(`fx:symstatus`, plus a `symbol_status` event on fx:ctl).
+static symbols and the on-demand globs), so an edge tells a symbol not streamed now ("pending")
+from one nobody may call up ("unknown_symbol"), and its verdict per symbol (`fx:symstatus`, plus
+a `symbol_status` event on fx:ctl): streaming since a position (the first tick of this term),
+or refused (capacity, unknown); no verdict means not streamed now. It also leaves its on-demand
+set, in priority order with each symbol's grace, in `fx:ondemand` for the next leader.
 """
 
 from __future__ import annotations
@@ -20,9 +22,43 @@ import orjson
 
 from shared.names import Names
 from shared.redis_url import AnyRedis
+from shared.tick import Position, is_epoch
 
 SymbolStatus = Literal["streaming", "capacity", "unknown"]
 STATUSES: frozenset[str] = frozenset(get_args(SymbolStatus))
+
+
+@dataclass(slots=True, frozen=True)
+class Verdict:
+    """The leader's word on one symbol. `since` (streaming only) is the position of its first tick
+    this term: a stored tick older than that is from an earlier stream, not a current snapshot."""
+
+    status: SymbolStatus
+    since: Position | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.status != "streaming"
+
+    def encode(self) -> str:
+        """'capacity', 'unknown', or 'streaming:EPOCH:SEQ' (epochs are URL-safe base64: no ':')."""
+        if self.since is None:
+            return self.status
+        return f"{self.status}:{self.since.epoch}:{self.since.seq}"
+
+    @classmethod
+    def decode(cls, raw: str) -> Verdict | None:
+        status, _, rest = raw.partition(":")
+        if status not in STATUSES:
+            return None
+        epoch, _, seq = rest.partition(":")
+        since = Position(epoch, int(seq)) if is_epoch(epoch) and seq.isdigit() else None
+        return cls(cast(SymbolStatus, status), since if status == "streaming" else None)
+
+
+# The next leader's starting point: on-demand symbols in priority order, each with the wall-clock
+# time since when nobody wants it (None: wanted).
+Handover = list[tuple[str, float | None]]
 
 
 @dataclass(slots=True, frozen=True)
@@ -54,18 +90,37 @@ class Catalog:
         return cls(tuple(static), tuple(globs))
 
 
-def symbol_status_event(symbol: str, status: SymbolStatus) -> bytes:
-    return orjson.dumps({"type": "symbol_status", "symbol": symbol, "status": status})
+def symbol_status_event(symbol: str, verdict: Verdict) -> bytes:
+    event: dict[str, object] = {"type": "symbol_status", "symbol": symbol, "status": verdict.status}
+    if verdict.since is not None:
+        event["since"] = {"epoch": verdict.since.epoch, "seq": verdict.since.seq}
+    return orjson.dumps(event)
 
 
-def parse_symbol_status(event: Any) -> tuple[str, SymbolStatus] | None:
-    """(symbol, status) of a decoded `symbol_status` control event, else None."""
+def parse_symbol_status(event: Any) -> tuple[str, Verdict] | None:
+    """(symbol, verdict) of a decoded `symbol_status` control event, else None."""
     if not isinstance(event, dict) or event.get("type") != "symbol_status":
         return None
-    symbol, status = event.get("symbol"), event.get("status")
+    symbol, status, since = event.get("symbol"), event.get("status"), event.get("since")
     if not isinstance(symbol, str) or status not in STATUSES:
         return None
-    return symbol, cast(SymbolStatus, status)
+    at = None
+    if isinstance(since, dict) and is_epoch(since.get("epoch")) and type(since.get("seq")) is int:
+        at = Position(since["epoch"], since["seq"])
+    return symbol, Verdict(cast(SymbolStatus, status), at if status == "streaming" else None)
+
+
+def encode_handover(handover: Handover) -> bytes:
+    return orjson.dumps({"symbols": [[s, unwanted] for s, unwanted in handover]})
+
+
+def decode_handover(raw: bytes) -> Handover:
+    """The stored handover; [] when it is not one (edited by hand, another version)."""
+    try:
+        items = orjson.loads(raw)["symbols"]
+        return [(str(s), None if u is None else float(u)) for s, u in items]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return []
 
 
 class DemandStore(Protocol):
@@ -83,7 +138,7 @@ class DemandStore(Protocol):
 
     async def catalog(self) -> Catalog | None: ...
 
-    async def set_status(self, symbol: str, status: SymbolStatus) -> None: ...
+    async def set_status(self, symbol: str, verdict: Verdict) -> None: ...
 
     async def clear_status(self, symbols: Collection[str]) -> None: ...
 
@@ -91,7 +146,13 @@ class DemandStore(Protocol):
         """Forget every verdict: a new leader's upstream gives its own."""
         ...
 
-    async def statuses(self, symbols: Collection[str]) -> dict[str, SymbolStatus]: ...
+    async def statuses(self, symbols: Collection[str]) -> dict[str, Verdict]: ...
+
+    async def write_handover(self, handover: Handover) -> None: ...
+
+    async def handover(self) -> Handover:
+        """What the last leader left (in priority order), [] if nothing."""
+        ...
 
 
 class MemoryDemandStore:
@@ -100,7 +161,8 @@ class MemoryDemandStore:
     def __init__(self) -> None:
         self.wanted: dict[str, frozenset[str]] = {}
         self.stored_catalog: Catalog | None = None
-        self.status: dict[str, SymbolStatus] = {}
+        self.status: dict[str, Verdict] = {}
+        self.stored_handover: Handover = []
 
     async def publish(self, edge_id: str, symbols: Collection[str], ttl: float) -> None:
         self.wanted[edge_id] = frozenset(symbols)
@@ -117,8 +179,8 @@ class MemoryDemandStore:
     async def catalog(self) -> Catalog | None:
         return self.stored_catalog
 
-    async def set_status(self, symbol: str, status: SymbolStatus) -> None:
-        self.status[symbol] = status
+    async def set_status(self, symbol: str, verdict: Verdict) -> None:
+        self.status[symbol] = verdict
 
     async def clear_status(self, symbols: Collection[str]) -> None:
         for symbol in symbols:
@@ -127,16 +189,22 @@ class MemoryDemandStore:
     async def reset_statuses(self) -> None:
         self.status.clear()
 
-    async def statuses(self, symbols: Collection[str]) -> dict[str, SymbolStatus]:
+    async def statuses(self, symbols: Collection[str]) -> dict[str, Verdict]:
         return {s: self.status[s] for s in symbols if s in self.status}
 
+    async def write_handover(self, handover: Handover) -> None:
+        self.stored_handover = list(handover)
 
-def _statuses(symbols: Iterable[str], raw: Iterable[bytes | None]) -> dict[str, SymbolStatus]:
-    out: dict[str, SymbolStatus] = {}
+    async def handover(self) -> Handover:
+        return list(self.stored_handover)
+
+
+def _statuses(symbols: Iterable[str], raw: Iterable[bytes | None]) -> dict[str, Verdict]:
+    out: dict[str, Verdict] = {}
     for symbol, value in zip(symbols, raw, strict=True):
-        status = value.decode(errors="replace") if value is not None else None
-        if status in STATUSES:
-            out[symbol] = cast(SymbolStatus, status)
+        verdict = Verdict.decode(value.decode(errors="replace")) if value is not None else None
+        if verdict is not None:
+            out[symbol] = verdict
     return out
 
 
@@ -172,8 +240,8 @@ class RedisDemandStore:
         raw = cast(bytes | None, await self.client.get(self.names.catalog))
         return Catalog.decode(raw) if raw is not None else None
 
-    async def set_status(self, symbol: str, status: SymbolStatus) -> None:
-        await self.client.hset(self.names.symbol_status, symbol, status)
+    async def set_status(self, symbol: str, verdict: Verdict) -> None:
+        await self.client.hset(self.names.symbol_status, symbol, verdict.encode())
 
     async def clear_status(self, symbols: Collection[str]) -> None:
         if symbols:
@@ -182,9 +250,16 @@ class RedisDemandStore:
     async def reset_statuses(self) -> None:
         await self.client.delete(self.names.symbol_status)
 
-    async def statuses(self, symbols: Collection[str]) -> dict[str, SymbolStatus]:
+    async def statuses(self, symbols: Collection[str]) -> dict[str, Verdict]:
         wanted = list(symbols)
         if not wanted:
             return {}
         raw = cast(list[bytes | None], await self.client.hmget(self.names.symbol_status, wanted))
         return _statuses(wanted, raw)
+
+    async def write_handover(self, handover: Handover) -> None:
+        await self.client.set(self.names.on_demand_handover, encode_handover(handover))
+
+    async def handover(self) -> Handover:
+        raw = cast(bytes | None, await self.client.get(self.names.on_demand_handover))
+        return decode_handover(raw) if raw is not None else []

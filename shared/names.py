@@ -91,5 +91,10 @@ class Names:
 
     @property
     def symbol_status(self) -> str:
-        """Hash symbol -> upstream status (streaming, capacity, unknown)."""
+        """Hash symbol -> the leader's verdict (streaming:EPOCH:SEQ, capacity, unknown)."""
         return self.meta("symstatus")
+
+    @property
+    def on_demand_handover(self) -> str:
+        """The leader's on-demand symbols in priority order with their grace, for the next one."""
+        return self.meta("ondemand")

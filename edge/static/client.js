@@ -14,7 +14,10 @@
 //
 // Events (CustomEvent, payload in .detail): state {state, url, delay, reason, code},
 // tick {symbol, bid, ask, mid, ts, epoch, seq, snapshot, conflated}, reset {symbol, epoch, reason},
-// subscribed {symbols, recovered}, error {code, message, symbols}, anomaly {symbol, kind, last, got}.
+// subscribed {symbols, recovered, pending}, error {code, message, symbols}, anomaly {symbol, kind,
+// last, got}. `pending` symbols are not streamed yet: no snapshot, their first tick is on its way
+// (a pending resume comes with recovered:false). An error with symbols means the server dropped
+// them, streaming until then or not.
 
 export const FATAL_CLOSE = new Map([
   [4001, "unauthorized"],
@@ -249,7 +252,7 @@ export class FxClient extends EventTarget {
         this.lastOutageMs = performance.now() - this._lostAt;
         this._lostAt = null;
       }
-      this._emit("subscribed", { symbols: msg.symbols || [], recovered });
+      this._emit("subscribed", { symbols: msg.symbols || [], recovered, pending: msg.pending || [] });
       for (const [symbol, ok] of Object.entries(recovered)) {
         if (!ok) {
           this.resets += 1;

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from ingestor.backoff import Backoff
-from ingestor.vendors.base import Hooks, Status, VendorError, VendorSession
+from ingestor.vendors.base import SILENT, Hooks, Status, VendorError, VendorSession
 
 # Both drivers load with the process, not when a standby takes over: importing aiohttp costs a
 # quarter of a second, which would add to every failover.
@@ -15,7 +15,7 @@ from ingestor.vendors.tradermade import TraderMadeSession
 from shared.settings import IngestorSettings
 from shared.tick import is_symbol
 
-__all__ = ["Hooks", "Status", "VendorError", "VendorSession", "carries", "open_session"]
+__all__ = ["SILENT", "Hooks", "Status", "VendorError", "VendorSession", "carries", "open_session"]
 
 
 def carries(settings: IngestorSettings, symbol: str) -> bool:

@@ -28,11 +28,22 @@ from shared.tick import Quote, is_symbol
 log = logging.getLogger("fxproxy.ingestor.kabu")
 
 JST = timezone(timedelta(hours=9))
-# Codes of the reference's REST API code list that the driver acts on.
+# Codes of the reference's REST API code list (ptal/error.html) that the driver acts on.
+CALLS_EXCEEDED = 4001006  # API実行回数エラー: too many calls (HTTP 429 is the throttle too)
 TOKEN_MISMATCH = 4001009  # APIキー不一致: the token was replaced or kabuステーション logged out
 WRONG_PASSWORD = 4001013  # APIパスワード不正 (on POST /token)
+REGISTER_FAILED = 4001018  # 銘柄が登録できませんでした: the list (50 symbols) has no room
+REGISTER_PARTLY = 4001019  # 一部の銘柄が登録できませんでした: room for some only
+UNREGISTER_FAILED = 4001020  # 銘柄が解除できませんでした: not registered (any more)
+UNREGISTER_PARTLY = 4001021  # 一部の銘柄が解除できませんでした
 SYMBOL_NOT_FOUND = 4002001  # 銘柄が見つからない
-REGISTER_LIMIT = 4002006  # 登録銘柄数上限: the registration list holds 50 symbols
+REGISTER_LIMIT = 4002006  # レジスト数エラー: the registration list holds 50 symbols
+LIST_FULL = frozenset({REGISTER_LIMIT, REGISTER_FAILED, REGISTER_PARTLY})
+NOT_REGISTERED = frozenset({UNREGISTER_FAILED, UNREGISTER_PARTLY})
+# Seconds between re-registrations of the whole set: the list is shared, and another app (or a
+# person at kabuステーション) may unregister ours without telling us.
+RECHECK_INTERVAL = 30.0
+THROTTLE_INITIAL, THROTTLE_MAX = 0.2, 5.0  # seconds: backoff of a call refused as too many
 
 
 class MalformedPush(ValueError):
@@ -66,9 +77,10 @@ def token_body(password: str) -> bytes:
 
 
 def symbols_body(symbols: Iterable[str]) -> bytes:
-    """The body of PUT /register and PUT /unregister."""
+    """The body of PUT /register and PUT /unregister, in the order given (priority: a list with
+    room for only some may take the first)."""
     out = []
-    for symbol in sorted(symbols):
+    for symbol in symbols:
         code, exchange = split_symbol(symbol)
         out.append({"Symbol": code, "Exchange": exchange})
     return orjson.dumps({"Symbols": out})
@@ -164,9 +176,11 @@ def parse_push(raw: str | bytes) -> Quote | None:
 
 class KabuSession(Supervised):
     """One kabuステーション: token, registration of the session's symbols, then its push socket.
-    A changed set is applied with PUT /register and /unregister, the others streaming on. A token
-    refused (401) is fetched again and the request retried once; a push socket that closes (the
-    token expired, kabuステーション restarted) starts over: new token, registration, socket."""
+    A changed set is applied with PUT /register and /unregister, the others streaming on; the
+    whole set is registered again every RECHECK_INTERVAL, so registrations another app removed
+    come back. A token refused (401) is fetched again and the request retried once; a call refused
+    as too many (429, 4001006) is retried after a backoff; a push socket that closes (the token
+    expired, kabuステーション restarted) starts over: new token, registration, socket."""
 
     errors = (OSError, TimeoutError, aiohttp.ClientError, UpstreamSilent, VendorError)
 
@@ -182,17 +196,19 @@ class KabuSession(Supervised):
         open_timeout: float = 10.0,
         connected: asyncio.Event | None = None,
         label: str = "0",
+        recheck_interval: float | None = None,
     ) -> None:
         super().__init__([url], symbols, hooks, silence_timeout=silence_timeout, backoff=backoff,
                          open_timeout=open_timeout, connected=connected, label=label)
         self._password = password
+        self._recheck = RECHECK_INTERVAL if recheck_interval is None else recheck_interval
         self._token = ""
-        self._registered: set[str] = set()  # ours on kabuステーション's list
-        self._refused: set[str] = set()  # not in its catalogue: never asked for again
-        self._fresh = True  # no login yet: the list may hold registrations nobody reads any more
+        self._registered: set[str] = set()  # ours on kabuステーション's list, as its last answer said
+        self._refused: set[str] = set()  # not in its catalogue: not asked for again while wanted
         self._apply = asyncio.Event()
 
     def _changed(self, old: frozenset[str]) -> None:
+        self._refused &= self._symbols  # given back and asked for again later: tried afresh
         self._apply.set()
 
     async def _connect(self, url: str) -> None:
@@ -201,13 +217,12 @@ class KabuSession(Supervised):
             self._http, self._base = http, url.rstrip("/")
             # Registered before and not wanted now: unregistered below, so kabuステーション's list
             # (50 for every app together) does not fill up. The rest is registered again: after a
-            # forced logout or a restart the list is empty.
+            # forced logout or a restart the list is empty. What other apps registered is theirs:
+            # never cleared (no PUT /unregister/all).
             self._registered -= self._symbols
             self._apply.clear()
             await self._new_token()
-            if self._fresh:
-                await self._clear_stale()
-            await self._reconcile()
+            await self._sync(everything=True)
             # Board pushes come only on a change, and a quiet stock may not change for minutes:
             # liveness is the socket's pings (a pong missing for half the interval closes it).
             async with http.ws_connect(push_url(url), heartbeat=self._silence / 1.5,
@@ -224,11 +239,23 @@ class KabuSession(Supervised):
                     raise failed
 
     async def _request(self, method: str, path: str, body: bytes, auth: bool = True) -> Any:
-        headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["X-API-KEY"] = self._token
-        async with self._http.request(method, self._base + path, data=body, headers=headers) as resp:
-            return check(resp.status, await resp.read())
+        """One call; refused as too many (429, 4001006), it is made again after a backoff."""
+        delay = THROTTLE_INITIAL
+        while True:
+            headers = {"Content-Type": "application/json"}
+            if auth:
+                headers["X-API-KEY"] = self._token
+            async with self._http.request(method, self._base + path, data=body, headers=headers) as resp:
+                status, answer = resp.status, await resp.read()
+            try:
+                return check(status, answer)
+            except VendorError as exc:
+                if exc.status != 429 and exc.code != CALLS_EXCEEDED:
+                    raise
+            log.warning("kabu call refused as too many: backing off", extra={
+                "session": self.label, "path": path, "in_s": round(delay, 2)})
+            await asyncio.sleep(delay)
+            delay = min(THROTTLE_MAX, delay * 2)
 
     async def _authorized(self, method: str, path: str, body: bytes) -> Any:
         try:
@@ -244,74 +271,97 @@ class KabuSession(Supervised):
         self._token = parse_token(await self._request("POST", "/token", token_body(self._password),
                                                       auth=False))
 
-    async def _clear_stale(self) -> None:
-        """Empty the list once per session: what an earlier owner of this kabuステーション left
-        (another app, a crashed or failed-over ingestor, a pool slot closed by cancel) would
-        otherwise hold places of the 50 until the early-morning logout."""
-        listed = parse_registered(await self._authorized("PUT", "/unregister/all", b""))
-        self._registered &= listed
-        self._fresh = False
-        log.info("kabu registrations cleared", extra={"session": self.label, "left": len(listed)})
-
     async def _apply_changes(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Apply each change; a failed one ends the session (closing its socket ends the reader)."""
+        """Apply each change, and register the whole set again every recheck interval; a failed
+        call ends the session (closing its socket ends the reader)."""
+        loop = asyncio.get_running_loop()
+        recheck_at = loop.time() + self._recheck
         try:
             while True:
-                await self._apply.wait()
+                try:
+                    async with asyncio.timeout(max(0.0, recheck_at - loop.time())):
+                        await self._apply.wait()
+                except TimeoutError:
+                    pass
                 self._apply.clear()
-                await self._reconcile()
+                everything = loop.time() >= recheck_at
+                if everything:
+                    recheck_at = loop.time() + self._recheck
+                await self._sync(everything)
         except Exception:
             await ws.close()
             raise
 
-    async def _reconcile(self) -> None:
-        """Register what the set gained, unregister what it lost. What finds the list full is
-        reported `capacity` and asked for again at the next change."""
-        wanted = set(self._symbols) - self._refused
-        gone = self._registered - wanted
+    async def _sync(self, everything: bool = False) -> None:
+        """Unregister what the set lost; register what it gained, or (`everything`) the whole set
+        again, which puts back what was removed behind our back."""
+        order = [s for s in self._order if s not in self._refused]
+        gone = self._registered - set(order)
         if gone:
-            listed = parse_registered(await self._authorized("PUT", "/unregister", symbols_body(gone)))
-            self._registered &= listed
-        new = wanted - self._registered
-        if not new:
-            return
-        full: set[str] = set()
+            await self._unregister(gone)
+        ask = order if everything else [s for s in order if s not in self._registered]
+        if ask:
+            await self._register(ask)
+
+    async def _unregister(self, gone: set[str]) -> None:
         try:
-            listed = parse_registered(await self._authorized("PUT", "/register", symbols_body(new)))
+            listed = parse_registered(await self._authorized("PUT", "/unregister",
+                                                             symbols_body(sorted(gone))))
         except VendorError as exc:
-            if exc.code not in (SYMBOL_NOT_FOUND, REGISTER_LIMIT):
+            if exc.code not in NOT_REGISTERED:
                 raise
-            # Either fails the whole request and the answer does not say which symbol: asked one
+            # Not (all) registered any more: a forced logout, a restart, another app's unregister.
+            # Gone is what we wanted; the next full registration corrects anything else.
+            log.info("kabu symbols were no longer registered", extra={
+                "session": self.label, "symbols": sorted(gone), "code": exc.code})
+            listed = self._registered - gone
+        self._registered = (self._registered - gone) & listed
+
+    async def _register(self, ask: list[str]) -> None:
+        """Register `ask` (priority order) and report each symbol's fate: streaming when it joins
+        the list, capacity when the list has no room for it, unknown when the answer leaves it out."""
+        before = set(self._registered)
+        full: list[str] = []
+        try:
+            listed = parse_registered(await self._authorized("PUT", "/register", symbols_body(ask)))
+        except VendorError as exc:
+            if exc.code != SYMBOL_NOT_FOUND and exc.code not in LIST_FULL:
+                raise
+            # These fail the whole request (or part of it) and do not say which symbol: asked one
             # at a time, what fits is kept and only the rest waits for room (no new login: it
             # would find the list as full as now).
-            listed, full = await self._register_one_by_one(new)
-        added = new & listed
-        for symbol in sorted(added):
-            self._hooks.on_status(symbol, "streaming")
-        for symbol in sorted(full):
+            listed, full = await self._register_one_by_one(ask)
+        # The answer is the whole list now: ours are what we asked for or had, and it still holds.
+        self._registered = (self._registered | set(ask)) & listed
+        for symbol in ask:
+            if symbol in self._registered and symbol not in before:
+                self._hooks.on_status(symbol, "streaming")
+        for symbol in full:
             self._hooks.on_status(symbol, "capacity")
-        for symbol in sorted(new - listed - full - self._refused):
-            # Accepted without an error yet not on the list: nothing will come for it.
-            log.warning("kabu symbol left out of the registration list",
-                        extra={"symbol": symbol, "session": self.label})
-            self._hooks.on_status(symbol, "unknown")
-        self._registered |= added
+        for symbol in ask:
+            if symbol not in listed and symbol not in full and symbol not in self._refused:
+                # Accepted without an error yet not on the list: nothing will come for it.
+                log.warning("kabu symbol left out of the registration list",
+                            extra={"symbol": symbol, "session": self.label})
+                self._hooks.on_status(symbol, "unknown")
 
-    async def _register_one_by_one(self, symbols: set[str]) -> tuple[set[str], set[str]]:
-        """The list after registering `symbols` one at a time, and those there was no room for."""
-        listed: set[str] = set()
-        full: set[str] = set()
-        for symbol in sorted(symbols):
-            if full:
-                full.add(symbol)  # the list is full: asking again would only be refused again
+    async def _register_one_by_one(self, symbols: list[str]) -> tuple[set[str], list[str]]:
+        """The list after registering `symbols` one at a time (priority order), and those there
+        was no room for. Once the list is full, only ours already on it are asked again."""
+        listed = set(self._registered)
+        full: list[str] = []
+        for symbol in symbols:
+            if full and symbol not in self._registered:
+                full.append(symbol)  # the list is full: asking would only be refused again
                 continue
             try:
                 listed = parse_registered(await self._authorized("PUT", "/register", symbols_body([symbol])))
             except VendorError as exc:
-                if exc.code == REGISTER_LIMIT:
+                if exc.code in LIST_FULL:
                     log.warning("kabu registration list full", extra={
                         "symbol": symbol, "session": self.label, "registered": len(self._registered)})
-                    full.add(symbol)
+                    full.append(symbol)
+                    listed.discard(symbol)
                     continue
                 if exc.code != SYMBOL_NOT_FOUND:
                     raise

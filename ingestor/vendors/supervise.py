@@ -21,7 +21,9 @@ class UpstreamSilent(Exception):
 
 
 class Relogin(Exception):
-    """The session's set changed in a way only a new login can apply: reconnect at once."""
+    """Raised by a dialect's `_connect` when its set changed in a way only a new login can apply
+    (neither built-in dialect needs it: both change symbols on the open link): the session logs
+    in again at once, on the same URL, without backoff."""
 
 
 def loggable(url: str) -> str:
@@ -37,7 +39,8 @@ class Supervised(ABC):
     """Stays connected until cancelled, moving to the next URL after each failure.
 
     A dialect implements `_connect(url)`: log in, call `_logged_in()`, then read until the link
-    ends (return, or raise one of `errors`), feeding each received message to `_received()`.
+    ends (return, or raise one of `errors`, or Relogin), calling `_heard()` for each message and
+    `_deliver()` for each quote; and `_changed(old)` to apply a new set.
     """
 
     errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, UpstreamSilent)
@@ -57,7 +60,8 @@ class Supervised(ABC):
         if not urls:
             raise ValueError("at least one upstream URL is required")
         self._urls = list(urls)
-        self._symbols = frozenset(symbols)
+        self._order = tuple(dict.fromkeys(symbols))  # priority order (see VendorSession)
+        self._symbols = frozenset(self._order)
         self._hooks = hooks
         self._silence = silence_timeout
         self._backoff = backoff or Backoff()
@@ -75,8 +79,9 @@ class Supervised(ABC):
     def up(self) -> bool:
         return self.connected.is_set()
 
-    def change(self, symbols: frozenset[str]) -> None:
-        old, self._symbols = self._symbols, frozenset(symbols)
+    def change(self, symbols: Sequence[str]) -> None:
+        old, self._order = self._symbols, tuple(dict.fromkeys(symbols))
+        self._symbols = frozenset(self._order)
         if old != self._symbols:
             self._changed(old)
 

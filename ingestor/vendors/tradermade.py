@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from ingestor.backoff import Backoff
-from ingestor.vendors.base import Hooks
+from ingestor.vendors.base import SILENT, Hooks
 from ingestor.vendors.supervise import Supervised, UpstreamSilent
 from shared.tick import Quote, is_symbol
 
@@ -23,8 +23,10 @@ log = logging.getLogger("fxproxy.ingestor.tradermade")
 
 GREETING = "Connected"
 # What the simulator says after a login naming symbols it does not carry. The real feed says
-# nothing: a symbol that has not quoted within FIRST_QUOTE_MIN (or 3 silence timeouts, if longer)
-# of being asked for is taken as not carried, so it does not hold a session's place for ever.
+# nothing: a symbol that has not quoted while the session was receiving other symbols' quotes for
+# FIRST_QUOTE_MIN (or 3 silence timeouts, if longer) is reported SILENT, so an on-demand symbol
+# the feed lacks does not hold a session's place for ever. Time with no quotes at all (a closed
+# market, a dead link) does not count: a silent feed proves nothing about any symbol.
 UNKNOWN_PREFIX = "Unknown symbols: "
 FIRST_QUOTE_MIN = 15.0
 
@@ -88,8 +90,8 @@ def parse_message(raw: str | bytes) -> Quote | None:
 
 class TraderMadeSession(Supervised):
     """One TraderMade-style connection. A new symbol set is sent as a fresh login frame on the open
-    connection, so the symbols that stay keep streaming. A symbol that never quotes within the
-    first-quote deadline of being added is reported `unknown`."""
+    connection, so the symbols that stay keep streaming. A symbol that has not quoted while others
+    did for the first-quote deadline is reported SILENT (the vendor's notice, `unknown`)."""
 
     errors = (OSError, TimeoutError, WebSocketException, UpstreamSilent)
 
@@ -116,29 +118,17 @@ class TraderMadeSession(Supervised):
         self._streaming: set[str] = set()  # symbols this login has delivered (reported once)
         self._first_quote = (first_quote_timeout if first_quote_timeout is not None
                              else max(FIRST_QUOTE_MIN, 3 * silence_timeout))
-        # Symbols that have not quoted on this session since they were added, and when they are
-        # given up on (infinity until a login frame has asked for them).
-        self._pending: dict[str, float] = dict.fromkeys(self._symbols, math.inf)
+        # Symbols that have not quoted on this session since they were added, and for how many
+        # seconds the feed has been live (delivering others' quotes) since. Kept across logins.
+        self._pending: dict[str, float] = dict.fromkeys(self._symbols, 0.0)
+        self._live = False  # a quote arrived since the pending clock last looked
 
     def _changed(self, old: frozenset[str]) -> None:
         for symbol in old - self._symbols:
             self._pending.pop(symbol, None)
         for symbol in self._symbols - old:
-            self._pending[symbol] = math.inf
+            self._pending[symbol] = 0.0
         self._resend.set()
-
-    def _arm(self, login: bool) -> None:
-        """Start the first-quote deadline of the pending symbols just asked for. The deadline is
-        not restarted by a new login: a session of symbols the feed lacks is silent and logs in
-        again each silence timeout, for ever. A login only grants half a silence timeout to
-        quote, so a symbol whose deadline passed during an outage gets a chance on the new link."""
-        now = asyncio.get_running_loop().time()
-        grace = now + min(self._first_quote, self._silence) / 2
-        for symbol, at in self._pending.items():
-            if at == math.inf:
-                self._pending[symbol] = now + self._first_quote
-            elif login:
-                self._pending[symbol] = max(at, grace)
 
     def _login(self) -> str:
         return login_frame(self._user_key, sorted(self._symbols))
@@ -158,7 +148,6 @@ class TraderMadeSession(Supervised):
             self._resend.clear()
             self._streaming.clear()
             await ws.send(self._login())
-            self._arm(login=True)
             self._logged_in(url)
             watchdog = asyncio.create_task(self._watch_silence(ws.transport.abort))
             tasks = (watchdog, asyncio.create_task(self._resend_changes(ws)),
@@ -183,19 +172,27 @@ class TraderMadeSession(Supervised):
             self._resend.clear()
             self._streaming &= self._symbols
             await ws.send(self._login())
-            self._arm(login=False)
 
     async def _expire_pending(self) -> None:
-        """Report `unknown` for each symbol whose first-quote deadline passed without a quote."""
+        """Report SILENT for each symbol that has waited out the first-quote deadline on a live
+        feed: the clock runs only over steps in which some quote arrived."""
         loop = asyncio.get_running_loop()
+        step = min(1.0, self._first_quote / 4, self._silence / 4)
+        last, self._live = loop.time(), False
         while True:
-            await asyncio.sleep(min(1.0, self._first_quote / 4, self._silence / 4))
+            await asyncio.sleep(step)
             now = loop.time()
-            for symbol in sorted(s for s, at in self._pending.items() if at <= now):
-                del self._pending[symbol]
-                log.warning("no first quote: taken as not carried", extra={
-                    "symbol": symbol, "seconds": self._first_quote, "session": self.label})
-                self._hooks.on_status(symbol, "unknown")
+            waited, last = now - last, now
+            live, self._live = self._live, False
+            if not live:
+                continue
+            for symbol in sorted(self._pending):
+                self._pending[symbol] += waited
+                if self._pending[symbol] >= self._first_quote:
+                    del self._pending[symbol]
+                    log.warning("no first quote while others quoted: taken as not carried", extra={
+                        "symbol": symbol, "seconds": self._first_quote, "session": self.label})
+                    self._hooks.on_status(symbol, SILENT)
 
     async def _read(self, ws: ClientConnection) -> None:
         async for raw in ws:
@@ -213,6 +210,7 @@ class TraderMadeSession(Supervised):
                         self._pending.pop(symbol, None)
                         self._hooks.on_status(symbol, "unknown")
                 continue
+            self._live = True
             self._pending.pop(quote.symbol, None)
             if quote.symbol not in self._streaming and quote.symbol in self._symbols:
                 self._streaming.add(quote.symbol)

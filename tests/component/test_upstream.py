@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -151,19 +149,29 @@ async def test_simfeed_streams_random_walk_quotes_with_bid_below_ask(simfeed: st
     assert len({q.bid for q in quotes if q.symbol == "EURUSD"}) > 1  # it moves
 
 
-class CeilingRng(random.Random):
-    """Jitter off: every delay is its ceiling, so the test can tell one attempt from the next."""
+class RecordingBackoff(Backoff):
+    """Jitter off (every delay is its ceiling), and each delay asked for is recorded: the test
+    reads what the session chose, not wall-clock gaps a loaded machine stretches."""
 
-    def uniform(self, a: float, b: float) -> float:
-        return b
+    def __init__(self, initial: float, maximum: float) -> None:
+        super().__init__(initial, maximum)
+        self.delays: list[float] = []
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2**self.attempt))
+        self.attempt += 1
+        self.delays.append(ceiling)
+        return ceiling
 
 
-async def reconnect_gaps(deliver: bool, sessions: int = 4) -> list[float]:
-    """Seconds between a vendor's connections when each session ends after (or without) a quote."""
-    connected: list[float] = []
+async def reconnect_delays(deliver: bool, sessions: int = 4) -> list[float]:
+    """The backoff delays a session chose between a vendor's connections when each ends after (or
+    without) a quote."""
+    connected = 0
 
     async def handler(ws: ServerConnection) -> None:
-        connected.append(asyncio.get_running_loop().time())
+        nonlocal connected
+        connected += 1
         await ws.send("Connected")
         await ws.recv()
         if deliver:
@@ -172,22 +180,22 @@ async def reconnect_gaps(deliver: bool, sessions: int = 4) -> list[float]:
         await ws.close()  # the vendor drops us
 
     quotes: list[Quote] = []
+    backoff = RecordingBackoff(0.05, 5.0)
     async with vendor(handler) as url:
-        up = TraderMadeSession([url], "secret", ["EURUSD"], Hooks(quotes.append),
-                      backoff=Backoff(0.2, 5.0, rng=CeilingRng()))
+        up = TraderMadeSession([url], "secret", ["EURUSD"], Hooks(quotes.append), backoff=backoff)
         task = asyncio.create_task(up.run())
-        for _ in range(300):
-            if len(connected) >= sessions:
+        for _ in range(500):
+            if connected >= sessions:
                 break
             await asyncio.sleep(0.02)
         await stop(task)
-    assert len(connected) >= sessions
-    return [b - a for a, b in itertools.pairwise(connected)][: sessions - 1]
+    assert connected >= sessions
+    return backoff.delays[: sessions - 1]
 
 
 async def test_reconnect_delay_starts_over_after_a_login_that_delivered_quotes() -> None:
-    good = await reconnect_gaps(deliver=True)
-    bad = await reconnect_gaps(deliver=False)
-    # 0.2 s backoff plus the 0.05 s session each time; without a reset: 0.25, 0.45, 0.85 s
-    assert all(gap < 0.4 for gap in good), f"delays after good logins grew: {good}"
-    assert bad[-1] > 0.7, f"failed logins must still back off exponentially: {bad}"
+    good = await reconnect_delays(deliver=True)
+    bad = await reconnect_delays(deliver=False)
+    # Without the reset after a good login the delays would grow: 0.05, 0.1, 0.2.
+    assert good == [0.05, 0.05, 0.05], f"delays after good logins grew: {good}"
+    assert bad == [0.05, 0.1, 0.2], f"failed logins must still back off exponentially: {bad}"

@@ -17,13 +17,18 @@ import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.demand import Catalog, RedisDemandStore
+from ingestor.demand import DemandWatcher, take_over
+from ingestor.pool import UpstreamPool
+from ingestor.verdicts import StatusBook, StatusReporter
+from shared.demand import Catalog, RedisDemandStore, Verdict
 from shared.keystore import RedisKeyStore
 from shared.redis_bus import RedisBus
+from shared.tick import Position
 from tests.conftest import API_KEY, SYMBOLS, Cluster
 from tests.support.client import assert_no_gaps, live_ticks, open_native, recv_json, send_json, until
 from tests.support.ports import free_port
 from tests.support.procs import Proc, metric
+from tests.support.upstream import fake_sessions, settings, settle
 
 pytestmark = pytest.mark.integration
 
@@ -84,11 +89,17 @@ async def test_redis_store_unions_only_live_edges_and_a_set_expires_with_its_ttl
         assert await bus.client.exists("fx:demand:a") == 0
         await store.write_catalog(Catalog(("EURUSD",), ("XAU*",)))
         assert await store.catalog() == Catalog(("EURUSD",), ("XAU*",))
-        await store.set_status("XAUUSD", "capacity")
+        await store.set_status("XAUUSD", Verdict("capacity"))
+        await store.set_status("USDSEK", Verdict("streaming", Position("e1", 4)))
         await bus.client.hset("fx:symstatus", "JUNK", "nonsense")
-        assert await store.statuses(["XAUUSD", "JUNK", "USDSEK"]) == {"XAUUSD": "capacity"}
+        assert await store.statuses(["XAUUSD", "JUNK", "USDSEK"]) == {
+            "XAUUSD": Verdict("capacity"), "USDSEK": Verdict("streaming", Position("e1", 4))}
+        await store.write_handover([("XAUUSD", None), ("USDSEK", 1733000000.5)])
+        assert await store.handover() == [("XAUUSD", None), ("USDSEK", 1733000000.5)]
         await store.clear_status(["XAUUSD"])
         assert await store.statuses(["XAUUSD"]) == {}
+        await store.reset_statuses()
+        assert await store.statuses(["USDSEK"]) == {}
     finally:
         await bus.close()
 
@@ -230,19 +241,92 @@ async def test_demand_survives_a_leader_change(cluster: Cluster) -> None:
     assert metric(ingestors[standby][1], GAUGE) == STATIC + 1
 
 
-async def test_a_dead_edges_demand_expires(cluster: Cluster) -> None:
+async def test_a_dead_edges_demand_expires_and_then_waits_out_the_grace(cluster: Cluster) -> None:
     cluster.simfeed()
     ing, metrics_port = ingestor(cluster)
     edge, port = cluster.edge(**FAST_HEARTBEAT)
-    async with await streaming(port) as ws:
-        await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD"]})
-        await first_tick(ws, "XAUUSD")
-        await gauge_until(metrics_port, lambda v: v == STATIC + 1, 2)
-        edge.kill()
-        killed = time.monotonic()
-    await gauge_until(metrics_port, lambda v: v == STATIC, 10)
-    took = time.monotonic() - killed
-    print(f"\nedge killed -9: its demand dropped upstream after {took:.2f}s (TTL 1.5 s + grace 1 s)")
-    # Its last heartbeat was at most 0.5 s before the kill: live until 1.0-1.5 s after, then grace.
-    assert 1.5 <= took < 1.5 + 1 + 2.0
+    bus = RedisBus.from_url(cluster.redis_url)
+    store = RedisDemandStore(bus.client, bus.names)
+    try:
+        async with await streaming(port) as ws:
+            await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD"]})
+            await first_tick(ws, "XAUUSD")
+            await gauge_until(metrics_port, lambda v: v == STATIC + 1, 2)
+            edge.kill()
+            killed = time.monotonic()
+        while "XAUUSD" in await store.union():  # its heartbeat and demand set run out
+            assert time.monotonic() - killed < 5, "a dead edge's demand never expired"
+            await asyncio.sleep(0.01)
+        expired = time.monotonic()
+        await gauge_until(metrics_port, lambda v: v == STATIC, 10)
+        dropped = time.monotonic()
+    finally:
+        await bus.close()
+    print(f"\nedge killed -9: its demand expired after {expired - killed:.2f}s (TTL 1.5 s), the symbol "
+          f"was dropped upstream {dropped - expired:.2f}s later (grace 1 s)")
+    # Its last heartbeat was 0-0.5 s before the kill, so the demand lives 1.0-1.5 s after it.
+    assert 0.9 <= expired - killed < 1.5 + 1.0
+    # The grace runs from the leader's first look without the demand, at or after it expired; the
+    # drop comes at a look after that (0.25 s polls; gauge read every 0.05 s, union every 0.01 s).
+    assert 1.0 - 0.02 <= dropped - expired < 1.0 + 1.5
     assert '"dropped":["XAUUSD"]' in ing.log
+
+
+async def test_a_new_leader_keeps_what_the_last_one_streamed_read_from_redis(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Room for one on-demand symbol. The last leader streams XAUUSD, wanted first, and refuses
+    # the seven wanted after it. A new leader reads the same set back from Redis (SUNION: its order
+    # is the hash's, not the wanting's) and must keep XAUUSD, which sorts last.
+    fake_sessions(monkeypatch)
+    bus = RedisBus.from_url(redis_url)
+    store, keys = RedisDemandStore(bus.client, bus.names), RedisKeyStore(bus.client, bus.names)
+    later = ["XAGUSD", "XAUAUD", "XAUCHF", "XAUEUR", "XAUGBP", "XAUJPY", "XAUNZD"]
+    limits = settings("EURUSD", 2, 1)
+
+    async def term(seed: list[tuple[str, float | None]]) -> tuple[UpstreamPool, DemandWatcher, StatusBook,
+                                                                    StatusReporter, list[asyncio.Task[None]]]:
+        reporter = StatusReporter(store, bus)
+        book = StatusBook(reporter.report)
+        pool = UpstreamPool(limits, lambda q: None, book.pool_status)
+
+        def want(symbols: tuple[str, ...]) -> None:
+            book.want(symbols)
+            pool.want(symbols)
+
+        watcher = DemandWatcher(store, ["EURUSD"], ["X*"], 30, want, seed=seed)
+        return pool, watcher, book, reporter, [asyncio.create_task(pool.run()),
+                                                asyncio.create_task(reporter.run())]
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for edge in ("a", "b"):
+            await keys.heartbeat(edge, 30)
+        await store.publish("a", {"XAUUSD"}, ttl=30)
+        pool, watcher, book, reporter, tasks = await term([])
+        await watcher.poll()
+        await settle()
+        for symbol in pool.streamed():
+            book.quoted(symbol, Position("e1", 1))  # its first tick this term
+        await store.publish("b", set(later), ttl=30)
+        await watcher.poll()
+        await settle()
+        first = pool.streamed()
+        await asyncio.wait_for(reporter.flushed(), 5)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # The leader dies; the next one takes over from what Redis holds.
+        seed = await take_over(store)
+        await store.reset_statuses()
+        pool, watcher, book, reporter, tasks = await term(seed)
+        await watcher.poll()
+        await settle()
+        second = pool.streamed()
+        order = watcher.wanted
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await bus.close()
+    assert first == {"EURUSD", "XAUUSD"}
+    assert order == ("EURUSD", "XAUUSD", *later) and second == {"EURUSD", "XAUUSD"}

@@ -93,6 +93,20 @@ def test_pending_symbols_are_reported_and_capacity_is_asked_for_again() -> None:
     assert err == [Error("capacity", "full", ("XAUUSD",))] and c.symbols == ["EURUSD", "XAUUSD"]
 
 
+def test_a_pending_resume_starts_afresh_without_an_anomaly() -> None:
+    # The symbol is not streamed now: the edge sends no snapshot and says the resume failed; the
+    # stream picks up later at whatever seq the leader continues with.
+    c = Client("ws://127.0.0.1:1/v1/stream", "k", ["XAUUSD"])
+    c.handle(frame({"type": "tick", "symbol": "XAUUSD", "bid": 1, "ask": 2, "ts": 1, "epoch": "e", "seq": 5}))
+    events = c.handle(frame({"type": "subscribed", "symbols": ["XAUUSD"], "pending": ["XAUUSD"],
+                             "recovered": {"XAUUSD": False}}))
+    assert events == [Subscribed(("XAUUSD",), {"XAUUSD": False}, ("XAUUSD",)),
+                      Reset("XAUUSD", None, "not recovered")]
+    [tick] = c.handle(frame({"type": "tick", "symbol": "XAUUSD", "bid": 1, "ask": 2, "ts": 9,
+                             "epoch": "e", "seq": 90}))
+    assert isinstance(tick, Tick) and tick.seq == 90 and c.positions.anomalies == 0
+
+
 def test_tradermade_ticks_have_no_position_and_bad_key_stops() -> None:
     c = Client("ws://127.0.0.1:1/feedadv", "k", ["EURUSD"])
     [tick] = c.handle(b'{"symbol":"EURUSD","ts":"17","bid":1.0,"ask":1.2,"mid":1.1}')

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,8 +13,9 @@ from ingestor import metrics
 from ingestor import pool as pool_module
 from ingestor.packing import plan
 from ingestor.pool import UpstreamPool
-from ingestor.vendors.base import Hooks
+from ingestor.vendors.base import SILENT
 from shared.settings import IngestorSettings
+from tests.support.upstream import FakeSession, fake_sessions, settings, settle
 
 F = frozenset
 
@@ -53,49 +54,9 @@ def test_a_session_whose_symbols_fit_elsewhere_is_emptied() -> None:
     assert layout.sessions == (F(), F({"A", "C", "D"}))
 
 
-class FakeSession:
-    """Records what the pool hands it; the test plays the vendor through its hooks."""
-
-    def __init__(self, slot: int, symbols: Collection[str], hooks: Hooks) -> None:
-        self.slot, self._symbols, self.hooks = slot, frozenset(symbols), hooks
-        self.up = False
-        self.changes: list[frozenset[str]] = []
-        self.closed = False
-
-    @property
-    def symbols(self) -> frozenset[str]:
-        return self._symbols
-
-    def change(self, symbols: frozenset[str]) -> None:
-        self._symbols = symbols
-        self.changes.append(symbols)
-
-    def login(self) -> None:
-        self.up = True
-        self.hooks.on_link()
-
-    async def run(self) -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self.closed = True
-
-
 @pytest.fixture
 def sessions(monkeypatch: pytest.MonkeyPatch) -> list[FakeSession]:
-    opened: list[FakeSession] = []
-
-    def fake(settings: IngestorSettings, slot: int, symbols: Collection[str], hooks: Hooks) -> FakeSession:
-        opened.append(FakeSession(slot, symbols, hooks))
-        return opened[-1]
-
-    monkeypatch.setattr(pool_module, "open_session", fake)
-    return opened
-
-
-def settings(static: str, per: int, conns: int) -> IngestorSettings:
-    return IngestorSettings(symbols=static, upstream_urls="ws://127.0.0.1:1/",  # type: ignore[arg-type]
-                            upstream_max_symbols=per, upstream_max_connections=conns)
+    return fake_sessions(monkeypatch)
 
 
 @contextlib.asynccontextmanager
@@ -108,11 +69,6 @@ async def running(pool: UpstreamPool) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 async def test_pool_refuses_capacity_excess_and_static_symbols_go_first(sessions: list[FakeSession]) -> None:
@@ -201,3 +157,102 @@ def test_kabu_limits_that_cannot_work_fail_at_start(env: dict[str, object], says
     with pytest.raises(ValueError, match=says):
         IngestorSettings(**fields)  # type: ignore[arg-type]
     assert IngestorSettings(upstream_dialect="kabu").symbols_per_session() == 50
+
+
+async def test_a_failing_session_is_reopened_after_its_backoff_and_the_others_stream_on(
+        sessions: list[FakeSession], caplog: pytest.LogCaptureFixture) -> None:
+    connected = asyncio.Event()
+    pool = UpstreamPool(settings("A00,B00,C00", 2, 2, backoff_initial=0.2, backoff_max=1.0),
+                        lambda q: None, lambda s, st: None, connected=connected)
+    pool.want(["A00", "B00", "C00"])
+    before = metrics.SESSION_FAILURES._value.get()
+    loop = asyncio.get_running_loop()
+    async with running(pool):
+        first, second = sessions
+        first.login()
+        second.login()
+        assert connected.is_set()
+        second.fail()
+        failed_at = loop.time()
+        await settle()
+        assert not connected.is_set()  # its symbols are not streaming: not ready
+        assert len(sessions) == 2 and not first.closed and first.changes == []
+        pool.want(["A00", "B00", "C00", "D00"])  # a change meanwhile reaches the reopened session
+        await settle()
+        while len(sessions) < 3:
+            assert loop.time() - failed_at < 3.0, "the failed session was not reopened"
+            await asyncio.sleep(0.01)
+        took = loop.time() - failed_at
+        third = sessions[2]
+        third.login()
+        assert connected.is_set()
+    print(f"\nfailed session reopened after {took:.2f}s (backoff 0.1-0.2 s)")
+    # Full jitter between half the first delay and all of it, plus a loaded machine's slack.
+    assert 0.09 <= took < 3.0
+    assert third.slot == 1 and third.symbols == {"C00", "D00"} and first.symbols == {"A00", "B00"}
+    assert metrics.SESSION_FAILURES._value.get() - before == 1
+    failure = next(r for r in caplog.records if r.getMessage() == "upstream session failed: reopening it")
+    assert failure.exc_info is not None and failure.exc_info[0] is KeyError  # the traceback is logged
+
+
+async def test_silence_never_makes_a_configured_symbol_unknown_and_unknowns_are_forgotten_when_dropped(
+        sessions: list[FakeSession]) -> None:
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("EURUSD", 0, 1), lambda q: None, lambda s, st: statuses.append((s, st)))
+    pool.want(["EURUSD", "XAUUSD", "NOSUCH"])
+    async with running(pool):
+        (session,) = sessions
+        for symbol in ("EURUSD", "XAUUSD"):
+            session.hooks.on_status(symbol, SILENT)
+        session.hooks.on_status("NOSUCH", "unknown")  # the vendor's own notice
+        await settle()
+        assert statuses == [("XAUUSD", "unknown"), ("NOSUCH", "unknown")]
+        assert session.symbols == {"EURUSD"}  # the configured one keeps its place
+        pool.want(["EURUSD"])  # both dropped (the grace ran out) ...
+        await settle()
+        pool.want(["EURUSD", "XAUUSD", "NOSUCH"])  # ... and called up again: tried afresh
+        await settle()
+        assert session.symbols == {"EURUSD", "XAUUSD", "NOSUCH"}
+        session.hooks.on_status("XAUUSD", SILENT)
+        await settle()
+        assert statuses[2:] == [("XAUUSD", "unknown")] and session.symbols == {"EURUSD", "NOSUCH"}
+
+
+def test_a_symbol_is_never_placed_on_a_slot_the_vendor_had_no_room_on() -> None:
+    current = [F({"A", "B"}), F()]
+    # B had no room on slot 0's vendor: it moves to slot 1, C fills the place left on slot 0.
+    layout = plan(current, ["A", "B", "C"], per_session=3, max_sessions=2, excluded={"B": [0]})
+    assert layout.sessions == (F({"A", "C"}), F({"B"})) and layout.refused == ()
+    # Compacting does not move it back either; with no other slot it is refused.
+    layout = plan([F({"A"}), F({"B"})], ["A", "B"], per_session=3, max_sessions=2, excluded={"B": [0]})
+    assert layout.sessions == (F({"A"}), F({"B"}))
+    layout = plan([F({"A", "B"})], ["A", "B", "C"], per_session=3, max_sessions=1, excluded={"B": [0]})
+    assert layout.sessions == (F({"A", "C"}),) and layout.refused == ("B",)
+
+
+async def test_vendor_capacity_moves_a_symbol_to_a_session_with_room_and_retries_on_a_timer(
+        sessions: list[FakeSession], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "CAPACITY_RETRY", 0.3)
+    statuses: list[tuple[str, str]] = []
+    pool = UpstreamPool(settings("S03,S01,S02", 3, 2), lambda q: None, lambda s, st: statuses.append((s, st)))
+    pool.want(["S03", "S01", "S02", "D01"])
+    loop = asyncio.get_running_loop()
+    async with running(pool):
+        first, second = sessions
+        # Sessions get their symbols in priority order: configured ones as configured, then demand.
+        assert first.order == ["S03", "S01", "S02"] and second.order == ["D01"]
+        held_out_at = loop.time()
+        first.hooks.on_status("S02", "capacity")  # another app holds the rest of slot 0's list
+        await settle()
+        assert first.symbols == {"S03", "S01"} and second.symbols == {"D01", "S02"}
+        assert statuses == []  # it found room: not refused
+        second.hooks.on_status("S02", "capacity")  # no room there either: refused
+        await settle()
+        assert statuses == [("S02", "capacity")] and "S02" not in pool.streamed()
+        while "S02" not in pool.streamed():  # asked for again with no change to the wanted set
+            assert loop.time() - held_out_at < 3.0, "a vendor-refused symbol was never retried"
+            await asyncio.sleep(0.01)
+        took = loop.time() - held_out_at
+        assert "S02" in first.symbols | second.symbols
+    print(f"\nvendor-refused symbol asked for again {took:.2f}s after its first refusal (retry 0.3 s)")
+    assert 0.29 <= took < 3.0  # the timer, less the pool's 10 ms slack for early wake-ups

@@ -94,8 +94,8 @@ def test_kabu_errors_carry_the_vendors_code_and_message() -> None:
 
 def test_kabu_requests_and_answers() -> None:
     assert orjson.loads(token_body("pw")) == {"APIPassword": "pw"}
-    assert orjson.loads(symbols_body(["9433@1", "7203@3"])) == {
-        "Symbols": [{"Symbol": "7203", "Exchange": 3}, {"Symbol": "9433", "Exchange": 1}]}
+    assert orjson.loads(symbols_body(["9433@1", "7203@3"])) == {  # in priority order, not sorted
+        "Symbols": [{"Symbol": "9433", "Exchange": 1}, {"Symbol": "7203", "Exchange": 3}]}
     assert parse_token(check(200, b'{"ResultCode":0,"Token":"abc"}')) == "abc"
     with pytest.raises(VendorError):
         parse_token({"ResultCode": 4, "Token": ""})
