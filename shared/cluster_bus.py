@@ -133,8 +133,18 @@ class ClusterBus:
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                fenced += (s for s, r in zip(group, outcome, strict=True) if r == -1)
-                refused += sum(r for r in outcome if r > 0)
+                for symbol, result in zip(group, outcome, strict=True):
+                    if isinstance(result, (RedisError, OSError)):
+                        # That symbol alone (its slot moving, a replica's READONLY): its
+                        # shard-mates' ticks are in and must not be sent again each batch.
+                        unpublished.add(symbol)
+                        error = error or result
+                    elif isinstance(result, BaseException):
+                        raise result
+                    elif result == -1:
+                        fenced.append(symbol)
+                    else:
+                        refused += result
         if fenced:
             raise Fenced(f"a newer leader than {fence} published {', '.join(fenced[:5])}")
         if refused:
@@ -180,14 +190,16 @@ class ClusterBus:
         return list(groups.values())
 
     async def _publish_group(self, symbols: list[str], ticks: dict[str, list[str | int | bytes]],
-                             token: str) -> list[int]:
+                             token: str) -> list[int | BaseException]:
+        """One shard's pipeline: each symbol's script result, or its error (the whole pipeline
+        raises only when the shard itself fails)."""
         n = self.names
         pipe = self._publisher.pipeline(transaction=False)
         for symbol in symbols:
             keys = (n.history(symbol), n.last_value(symbol), n.fence(symbol))
             pipe.eval(_PUBLISH_SYMBOL, len(keys), *keys, n.tick_channel(symbol), self._history_len,
                       token, term_of(token), self._fence_ttl_ms, *ticks[symbol])
-        return cast(list[int], await pipe.execute())
+        return cast(list[int | BaseException], await pipe.execute(raise_on_error=False))
 
     async def _lease_token(self, fence: str) -> str:
         holder = cast(bytes | None, await self.client.get(self.names.leader))
