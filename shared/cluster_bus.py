@@ -97,7 +97,10 @@ class ClusterBus:
                  fence_ttl: float = 30.0) -> None:
         self.target = url if isinstance(url, RedisTarget) else parse_redis_url(url)
         self.url = self.target.url
-        self.client = cast(RedisCluster, connect(self.target, retries=3, socket_timeout=5.0))
+        # Works with the slots that are served: with full coverage required, one shard away
+        # would fail every command (history, snapshots, keys) until its failover ends.
+        self.client = cast(RedisCluster, connect(self.target, retries=3, socket_timeout=5.0,
+                                                 full_coverage=False))
         # Publishing has a client of its own that fails at once and works with the slots that are
         # served: the publisher retries what a shard that is away did not take, and redis-py's
         # own retry (or its wait for full coverage) would hold up every shard. Short timeouts: a
@@ -247,7 +250,17 @@ class ClusterBus:
         return ClusterSubscriber(self.target, self.names, on_tick, on_control, on_state)
 
     async def ping(self) -> None:
-        await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        """The node of the `{meta}` slot answers: keys, limits, lease and control live there.
+        Not every primary: one shard away holds up only its symbols, and a probe that failed
+        for it would make every edge unready for the whole failover."""
+        try:
+            await self.client.initialize()  # a no-op unless an error asked for a fresh map
+            node = self.client.get_node_from_key(self.names.leader)
+        except RedisClusterException as exc:  # no node answers, or the slot is unserved
+            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if node is None:
+            raise ClusterUnavailable("no slot map yet")
+        await self.client.ping(target_nodes=node)
 
     async def close(self) -> None:
         if self._reloading is not None:
