@@ -36,7 +36,8 @@ class EdgeApp:
     async def start(self) -> int:
         """Listen and subscribe; return the bound port."""
         server = self.server
-        subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
+        subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state,
+                                           server.on_bus_resubscribed, server.on_bus_away)
         server.hub.subscriber = subscriber
         if self.group is not None and self.group.predecessor:
             await self._forget(self.group.predecessor)

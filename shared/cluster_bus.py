@@ -31,7 +31,16 @@ from typing import cast
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, SlotNotCoveredError
 
-from shared.bus import ControlHandler, Fenced, Message, PartlyPublished, StateHandler, TickHandler
+from shared.bus import (
+    AwayHandler,
+    ControlHandler,
+    Fenced,
+    Message,
+    PartlyPublished,
+    ResubscribedHandler,
+    StateHandler,
+    TickHandler,
+)
 from shared.cluster_subscriber import ClusterSubscriber
 from shared.names import Names
 from shared.redis_bus import read_history
@@ -245,9 +254,11 @@ class ClusterBus:
         await self.client.publish(self.names.control, event)
 
     def subscriber(
-        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
+        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler,
+        on_resubscribed: ResubscribedHandler | None = None, on_away: AwayHandler | None = None,
     ) -> ClusterSubscriber:
-        return ClusterSubscriber(self.target, self.names, on_tick, on_control, on_state)
+        return ClusterSubscriber(self.target, self.names, on_tick, on_control, on_state,
+                                 on_resubscribed, on_away)
 
     async def ping(self) -> None:
         """The node of the `{meta}` slot answers: keys, limits, lease and control live there.
