@@ -93,10 +93,18 @@ async def read_history(client: AnyRedis, key: str, after_seq: int, limit: int) -
     return [fields[b"p"] for _id, fields in entries]
 
 
+# Seconds an edge's read (history refill, snapshot, readiness ping) waits for Redis before it is
+# retried on a fresh connection: well inside FXPROXY_REPAIR_TIMEOUT (2 s by default). With
+# Sentinel a pooled connection to a primary that hung and was replaced would otherwise hold a
+# refill past that timeout; the retry's new connection asks the sentinels where the primary is.
+READ_TIMEOUT = 1.0
+
+
 class RedisBus:
     def __init__(self, url: str, names: Names | None = None, history_len: int = 1000) -> None:
         self.url = url
         self.client = connect_redis(url)
+        self._reader = connect_redis(url, socket_timeout=READ_TIMEOUT)
         self.names = names or Names()
         self._history_len = history_len
         self._publish = self.client.register_script(_PUBLISH)
@@ -124,11 +132,11 @@ class RedisBus:
         wanted = list(symbols)
         if not wanted:
             return {}
-        values = cast(list[bytes | None], await self.client.hmget(self.names.last, wanted))
+        values = cast(list[bytes | None], await self._reader.hmget(self.names.last, wanted))
         return {s: v for s, v in zip(wanted, values, strict=True) if v is not None}
 
     async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
-        return await read_history(self.client, self.names.history(symbol), after_seq, limit)
+        return await read_history(self._reader, self.names.history(symbol), after_seq, limit)
 
     async def publish_control(self, event: bytes) -> None:
         await self.client.publish(self.names.control, event)
@@ -145,7 +153,8 @@ class RedisBus:
         return RedisSubscriber(client, self.names, on_tick, on_control, on_state, on_resubscribed)
 
     async def ping(self) -> None:
-        await self.client.ping()
+        await self._reader.ping()
 
     async def close(self) -> None:
+        await self._reader.aclose()
         await self.client.aclose()
