@@ -19,7 +19,7 @@ from shared.cluster_bus import ClusterBus
 from shared.names import Names
 from tests.conftest import API_KEY, Cluster, StartProc
 from tests.integration.test_keys_cluster import create_key, keys_cli
-from tests.support.bus_rig import BusRig
+from tests.support.bus_rig import BusRig, ReadyWatch, first_live_tick, store_ticks
 from tests.support.client import (
     assert_no_gaps,
     closed_code,
@@ -145,6 +145,15 @@ def test_a_bad_cluster_url_fails_at_start_in_one_line(procs: StartProc) -> None:
     assert len(lines) == 1 and "bad FXPROXY_REDIS_URL" in lines[0], proc.log
 
 
+def quiet_symbol(cluster: RedisCluster, port: int) -> str:
+    """A symbol nobody streams whose slot the primary on `port` owns (see BusRig.quiet)."""
+    for i in range(200):
+        symbol = f"QUIET{i:03d}"
+        if cluster.owner(NAMES.tick_channel(symbol)) == port:
+            return symbol
+    raise LookupError(f"no quiet symbol on :{port}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("holds", ["symbols", "symbols+lease"])
 async def test_primary_killed_under_load_its_replica_takes_over_without_silent_gaps(
@@ -152,34 +161,123 @@ async def test_primary_killed_under_load_its_replica_takes_over_without_silent_g
     own = RedisCluster(node_timeout_ms=1000)
     own.start()
     rig: BusRig | None = None
+    ready: ReadyWatch | None = None
     try:
         meta_owner = own.owner(NAMES.leader)
-        shards = spread(own, 2)
+        shards = spread(own, 3)
         # A primary holding subscribed symbols, with or without the lease's {meta} slot (then
         # the lease, key store and control channel move too).
         victim = meta_owner if holds == "symbols+lease" else next(p for p in shards if p != meta_owner)
-        symbols = [s for group in shards.values() for s in group]
-        rig = BusRig(Cluster(procs, own.url), symbols)
+        symbols = [s for group in shards.values() for s in group[:2]]
+        others = [s for s in symbols if s not in shards[victim]]
+        unwatched = next(group[2] for p, group in shards.items() if p != victim)
+        # Ticks in history that pub/sub never delivered: only the edges' refill after their
+        # resubscribe on the replica brings them, since the symbol never ticks again.
+        quiet = quiet_symbol(own, victim)
+        store_ticks(victim, NAMES, quiet, "q1", range(1, 6), replicas=1)
+        rig = BusRig(Cluster(procs, own.url), symbols, quiet=[quiet], unwatched=[unwatched])
         await rig.start(rate=20)
+        store_ticks(victim, NAMES, quiet, "q1", range(6, 9), replicas=1, last=False)
+        ready = ReadyWatch([port for _, port in rig.edges])
+        ready.start()
         fault_at = time.monotonic()
         own.kill(victim)
+        await asyncio.sleep(0.3)
+        # A symbol of a live shard that no client of this edge held yet: subscribed at once.
+        subscribed = await first_live_tick(rig.edges[0][1], unwatched)
         failover = await asyncio.to_thread(own.wait_ok, 30)
         result = await rig.measure(fault_at)
+        await ready.stop()
+        quiet_at = rig.arrived(quiet, ("q1", 8)) - fault_at
         moved = own.owner(NAMES.tick_channel(shards[victim][0]))
-        elsewhere = rig.pause([s for s in symbols if s not in shards[victim]], fault_at - 1.0)
+        elsewhere = rig.pause(others, fault_at - 1.0)
+        resets_elsewhere = rig.resets(others)
         print(f"\n{result.line(f'cluster primary kill -9 ({holds})')}; symbols of the other shards "
-              f"paused at most {elsewhere:.2f}s; cluster ok again after {failover:.2f}s; "
-              f"{shards[victim]} moved from :{victim} to :{moved}")
+              f"paused at most {elsewhere:.2f}s, resets there {resets_elsewhere}; a new subscribe to "
+              f"{unwatched} (live shard) got its first tick {subscribed:.2f}s later; quiet symbol's "
+              f"unpublished ticks refilled {quiet_at:.2f}s after the fault; /readyz not 200 "
+              f"{len(ready.failures)} times of {ready.polls} polls; cluster ok again after "
+              f"{failover:.2f}s; {shards[victim][:2]} moved from :{victim} to :{moved}")
         assert moved != victim
         assert result.silent_gaps == 0 and result.duplicates == 0, result.findings
         assert result.flow < 15.0, result.findings
+        assert quiet_at < 15.0, result.findings
+        assert resets_elsewhere == 0, result.findings
         if holds == "symbols":
             # Only the lost shard's symbols wait for its failover; the others keep flowing (20
-            # ticks/s each: a pause is normally 0.05 s, plus the edges' history refill).
-            assert elsewhere < 1.5, result.findings
+            # ticks/s each: a pause is normally 0.05 s; waiting for the failover would be ~4 s),
+            # and so do new subscriptions to them (they used to wait for the failover too).
+            assert elsewhere < 2.0, result.findings
+            assert subscribed < 1.5
+            # The {meta} node answers: no edge is pulled from the balancer for a shard's failover.
+            assert ready.failures == [], ready.failures[:10]
+        else:
+            # Publishing waits for the lease's shard: ticks of any symbol only after its failover.
+            assert subscribed < 15.0
     finally:
+        if ready is not None:
+            await ready.stop()
         if rig is not None:
             await rig.stop()
+        own.close()
+
+
+@pytest.mark.slow
+async def test_a_hung_primary_is_noticed_and_its_symbols_follow_the_failover(procs: StartProc) -> None:
+    """SIGSTOP of the primary owning subscribed symbols: its sockets stay open, so only the
+    subscribers' own PINGs show it. Clients resume soon after its replica takes over, with no
+    silent gap or duplicate and no reset (the data is replicated), and every edge stays ready.
+    Then a coordinated CLUSTER FAILOVER of another shard: no reset either."""
+    own = RedisCluster(node_timeout_ms=1000)
+    own.start()
+    rig: BusRig | None = None
+    ready: ReadyWatch | None = None
+    victim = 0
+    try:
+        meta_owner = own.owner(NAMES.leader)
+        shards = spread(own, 2)
+        victim = next(p for p in shards if p != meta_owner)
+        third = next(p for p in shards if p not in (victim, meta_owner))
+        symbols = [s for group in shards.values() for s in group]
+        quiet = quiet_symbol(own, victim)
+        store_ticks(victim, NAMES, quiet, "q1", range(1, 6), replicas=1)
+        rig = BusRig(Cluster(procs, own.url), symbols, quiet=[quiet])
+        await rig.start(rate=20)
+        store_ticks(victim, NAMES, quiet, "q1", range(6, 9), replicas=1, last=False)
+        ready = ReadyWatch([port for _, port in rig.edges])
+        ready.start()
+        fault_at = time.monotonic()
+        own.freeze(victim)
+        failover = await asyncio.to_thread(own.wait_ok, 30)
+        hung = await rig.measure(fault_at, stop=False)
+        quiet_at = rig.arrived(quiet, ("q1", 8)) - fault_at
+        replica = own.replica_of(third)
+        handover_at = time.monotonic()
+        command(replica, "CLUSTER", "FAILOVER")
+        handover = await asyncio.to_thread(own.wait_ok, 30)
+        coordinated = await rig.measure(handover_at)
+        await ready.stop()
+        resets = rig.resets([*symbols, quiet], after=fault_at)
+        print(f"\n{hung.line('cluster primary SIGSTOP')}; cluster ok again after {failover:.2f}s, "
+              f"clients flowing {hung.flow - failover:.2f}s after that; quiet symbol's unpublished "
+              f"ticks refilled {quiet_at:.2f}s after the fault; /readyz not 200 "
+              f"{len(ready.failures)} times of {ready.polls} polls")
+        print(coordinated.line(f"coordinated CLUSTER FAILOVER (ok after {handover:.2f}s)"))
+        assert hung.silent_gaps == 0 and hung.duplicates == 0, hung.findings
+        assert coordinated.silent_gaps == 0 and coordinated.duplicates == 0, coordinated.findings
+        assert resets == 0, coordinated.findings
+        # Before: the edge never noticed, and got nothing of the stopped shard's symbols for as
+        # long as it stayed stopped (20 s measured) while reporting the bus up.
+        assert hung.flow - failover < 4.0, hung.findings
+        assert quiet_at < hung.flow + 2.0, hung.findings
+        assert coordinated.flow < 5.0, coordinated.findings
+        assert ready.failures == [], ready.failures[:10]
+    finally:
+        if ready is not None:
+            await ready.stop()
+        if rig is not None:
+            await rig.stop()
+        own.thaw(victim)
         own.close()
 
 
