@@ -30,6 +30,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from shared.bus import AwayHandler, ControlHandler, ResubscribedHandler, StateHandler, TickHandler
@@ -37,7 +38,7 @@ from shared.cluster_ledger import Ledger
 from shared.names import Names
 from shared.pubsub_liveness import ANSWER_DEADLINE, PongWatch, answered
 from shared.redis_url import RedisTarget, connect
-from shared.slot_map import Address, SlotMap, by_slot, load_slot_map
+from shared.slot_map import Address, SlotMap, by_slot, load_slot_map, symbol_in
 
 log = logging.getLogger("fxproxy.bus")
 
@@ -138,8 +139,8 @@ class ClusterSubscriber:
         for address, node_symbols in by_node.items():
             for group in by_slot(node_symbols, self._channel):
                 node = self._nodes.get(address)
-                if node is None:  # its connection was dropped, and its subscriptions with it
-                    self._ledger.node_lost(address)
+                if node is None:  # not expected: a node's homes go when its connection does
+                    self._node_lost(address, RedisConnectionError("no connection to a home node"))
                     break
                 channels = [self._channel(s) for s in group]
                 self._ledger.leaving(group, [c.encode() for c in channels])
@@ -156,12 +157,14 @@ class ClusterSubscriber:
             # One SSUBSCRIBE may name channels of one slot only.
             for group in by_slot(node_symbols, self._channel):
                 node = self._nodes.get(address)
-                if node is None or not await self._command(
-                        address, node.pubsub.ssubscribe(*map(self._channel, group))):
+                if node is None:
                     break
-                if self._nodes.get(address) is node:  # not lost while the command was on its way
-                    # Even if the hub dropped them meanwhile: _reconcile unsubscribes them.
-                    self._ledger.entered(group, address)
+                # Before the command: its confirmation, which refills a lost symbol, must find the
+                # symbol at home. If the command fails, the node's loss takes the homes back.
+                # Even if the hub dropped them meanwhile: _reconcile unsubscribes them.
+                self._ledger.entered(group, address)
+                if not await self._command(address, node.pubsub.ssubscribe(*map(self._channel, group))):
+                    break
 
     async def _command(self, address: Address, call: Awaitable[Any]) -> bool:
         try:
@@ -379,7 +382,7 @@ class ClusterSubscriber:
     def _symbol(self, channel: bytes) -> str:
         symbol = self._symbol_of.get(channel)
         if symbol is None:
-            symbol = self._symbol_of[channel] = _symbol_in(channel)
+            symbol = self._symbol_of[channel] = symbol_in(channel)
         return symbol
 
 
@@ -390,10 +393,6 @@ async def _close_quietly(node: _Node) -> None:
             await node.client.aclose()
 
 
-def _symbol_in(channel: bytes) -> str:
-    """The symbol inside a sharded tick channel's hash tag: `fx:{EURUSD}:tick` -> EURUSD (the
-    prefix holds no brace: shared/settings.py refuses one)."""
-    return channel.partition(b"{")[2].partition(b"}")[0].decode()
 
 
 def _name(address: Address) -> str:

@@ -45,6 +45,12 @@ class SlotMap:
         return sum(hi - lo + 1 for lo, hi, _ in self.spans)
 
 
+def symbol_in(channel: bytes) -> str:
+    """The symbol inside a sharded tick channel's hash tag: `fx:{EURUSD}:tick` -> EURUSD (the
+    prefix holds no brace: shared/settings.py refuses one)."""
+    return channel.partition(b"{")[2].partition(b"}")[0].decode()
+
+
 def by_slot(names: list[str], key: Callable[[str], str]) -> list[list[str]]:
     """`names` grouped by the slot of `key(name)`, in order: one SSUBSCRIBE may name channels of
     one slot only."""
