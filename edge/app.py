@@ -15,6 +15,7 @@ from shared.bus import Bus
 from shared.demand import DemandStore
 from shared.keystore import KeyStore
 from shared.settings import EdgeSettings
+from shared.tasks import cancel_all, until_stopped
 
 log = logging.getLogger("fxproxy.edge")
 
@@ -38,7 +39,8 @@ class EdgeApp:
     async def start(self) -> int:
         """Listen and subscribe; return the bound port."""
         server = self.server
-        subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state)
+        subscriber = server.bus.subscriber(server.hub.on_tick, server.on_control, server.on_bus_state,
+                                           server.on_bus_resubscribed, server.on_bus_away)
         server.hub.subscriber = subscriber
         if self.group is not None and self.group.predecessor:
             await self._forget(self.group.predecessor)
@@ -50,13 +52,17 @@ class EdgeApp:
             server.protocol_factory, self.settings.host, self.settings.port, backlog=4096,
             reuse_port=self.group is not None or None,
         )
-        jobs = [subscriber.run(), server.hub.run(), server.keepalive(), server.heartbeat(),
-                server.lag_probes(), server.probe.run()]
+        # Each runs until stop(): one that ends sooner is a failure (shared/tasks.py).
+        jobs = {"bus subscriber": subscriber.run(), "hub": server.hub.run(),
+                "keepalive": server.keepalive(), "lag probes": server.lag_probes(),
+                "bus probe": server.probe.run()}
+        if server.auth.store is not None or server.demand is not None:
+            jobs["heartbeat"] = server.heartbeat()
         if server.demand is not None:
-            jobs.append(server.demand.run())
+            jobs["demand"] = server.demand.run()
         if self.group is not None:
-            jobs.append(self.group.beat())
-        self._tasks = [asyncio.create_task(job) for job in jobs]
+            jobs["worker beat"] = self.group.beat()
+        self._tasks = [asyncio.create_task(job, name=name) for name, job in jobs.items()]
         port: int = self._listener.sockets[0].getsockname()[1]
         extra: dict[str, object] = {"host": self.settings.host, "port": port}
         if self.group is not None:
@@ -64,6 +70,11 @@ class EdgeApp:
             extra.update(worker=self.group.worker_id, edge_id=server.edge_id)
         log.info("edge listening", extra=extra)
         return port
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The background tasks, each meant to run until stop()."""
+        return list(self._tasks)
 
     async def _forget(self, edge_id: str) -> None:
         """Free the connection slots of the dead worker this one replaces."""
@@ -83,11 +94,7 @@ class EdgeApp:
         if self._listener is not None:
             self._listener.close()  # no new TCP connections while the old ones leave
         await self.server.drain(timeout)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         if self.server.demand is not None:
             # Our clients are gone: stop asking for their symbols now rather than after the TTL.
             with contextlib.suppress(RedisError, OSError, TimeoutError):
@@ -99,7 +106,10 @@ async def run_edge(
     settings: EdgeSettings, bus: Bus, keystore: KeyStore | None, stop: asyncio.Event,
     demand: DemandStore | None = None, group: WorkerGroup | None = None,
 ) -> None:
+    """Serve until `stop` is set; TaskEnded (after draining) if a background task ends first."""
     app = EdgeApp(settings, bus, keystore, demand, group)
     await app.start()
-    await stop.wait()
-    await app.stop()
+    try:
+        await until_stopped(stop, app.tasks, log)
+    finally:
+        await app.stop()

@@ -351,10 +351,12 @@ class Hub:
         for payload in held:
             self._take(symbol, stream, payload, repair=False)
 
-    def recover(self) -> None:
-        """The bus subscription was re-made: fetch from history whatever pub/sub dropped meanwhile."""
-        for symbol, stream in self._streams.items():
-            if stream.position is not None and stream.held is None:
+    def recover(self, symbols: Iterable[str] | None = None) -> None:
+        """These symbols' bus subscriptions (all when None) were re-made: fetch from history
+        whatever pub/sub dropped meanwhile."""
+        for symbol in list(self._streams) if symbols is None else symbols:
+            stream = self._streams.get(symbol)
+            if stream is not None and stream.position is not None and stream.held is None:
                 stream.held = []
                 self._spawn(self._repair(symbol, stream, stream.position))
 

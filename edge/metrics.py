@@ -39,3 +39,8 @@ BUS_UP = Gauge("fxproxy_edge_bus_connected", "1 while the bus subscriber is conn
                multiprocess_mode="livemin")
 SUBSCRIBED_SYMBOLS = Gauge("fxproxy_edge_bus_symbols", "Symbols this edge is subscribed to",
                            multiprocess_mode="livesum")
+# A cluster shard away (its primary lost and not replaced yet) holds up only its symbols: the
+# edge stays ready, and this says how many shards its symbols wait for.
+BUS_NODES_AWAY = Gauge("fxproxy_edge_bus_nodes_away",
+                       "Redis Cluster nodes whose symbols' subscriptions are lost and not made again yet",
+                       multiprocess_mode="livemax")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 import orjson
@@ -87,12 +87,21 @@ class EdgeServer:
         self._update_ready()
         log.info("bus connected" if up else "bus disconnected")
         if up:
-            # Pub/sub drops what is sent while we are away: replay missed ticks from history,
-            # and recheck every key in use in case it was revoked meanwhile.
-            self.hub.recover()
+            # Control events sent while we were away are lost: recheck every key in use in case
+            # it was revoked meanwhile, and refusals of symbols still pending.
             for key_hash in list(self.by_key):
                 self.spawn(self._reload_key(key_hash))
             self.spawn(self._recheck_statuses())
+
+    def on_bus_resubscribed(self, symbols: Collection[str]) -> None:
+        """Pub/sub dropped what was published while these subscriptions were lost: replay it
+        from history (only these: on a cluster, the other shards' symbols lost nothing)."""
+        log.info("bus symbols resubscribed", extra={"symbols": len(symbols)})
+        self.hub.recover(symbols)
+
+    def on_bus_away(self, nodes: Collection[str]) -> None:
+        """Shards whose symbols wait for them; the edge stays ready (the subscriber logs which)."""
+        metrics.BUS_NODES_AWAY.set(len(nodes))
 
     def on_control(self, data: bytes) -> None:
         try:

@@ -27,6 +27,7 @@ from shared.settings import (
     SimfeedSettings,
     split_csv,
 )
+from shared.tasks import TaskEnded
 
 if TYPE_CHECKING:
     from edge.workgroup import WorkerGroup
@@ -76,6 +77,8 @@ async def _edge(settings: EdgeSettings, group: WorkerGroup | None = None) -> int
     try:
         await run_edge(settings, bus, RedisKeyStore(bus.client, bus.names), _stop_on_signals(),
                        RedisDemandStore(bus.client, bus.names), group)
+    except TaskEnded:  # logged: the supervisor (or Kubernetes) restarts a process that failed
+        return 1
     finally:
         await bus.close()
     return 0
@@ -103,6 +106,8 @@ async def _ingestor(settings: IngestorSettings) -> int:
     try:
         await run_ingestor(settings, bus, _stop_on_signals(), leadership,
                            RedisDemandStore(bus.client, bus.names))
+    except TaskEnded:  # logged: the supervisor (or Kubernetes) restarts a process that failed
+        return 1
     finally:
         await bus.close()
     return 0

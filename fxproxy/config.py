@@ -73,5 +73,5 @@ def load_settings(model: type[S], args: argparse.Namespace, **overrides: Any) ->
                 problems.append(err["msg"].removeprefix("Value error, "))
                 continue
             name = str(err["loc"][0])
-            problems.append(f"{name} (FXPROXY_{name.upper()}): {err['msg']}")
+            problems.append(f"{name} (FXPROXY_{name.upper()}): {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("bad configuration: " + "; ".join(problems)) from None

@@ -31,6 +31,7 @@ from shared.bus_probe import BusProbe
 from shared.demand import DemandStore, Handover, MemoryDemandStore
 from shared.metrics import serve_health
 from shared.settings import IngestorSettings
+from shared.tasks import cancel_all, task_ended
 from shared.tick import Position, Quote
 
 log = logging.getLogger("fxproxy.ingestor")
@@ -281,7 +282,7 @@ async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event
     probe = BusProbe(bus.ping, interval=0.5, timeout=1.5,
                      on_change=lambda ok: metrics.BUS_UP.set(1 if ok else 0))
     metrics.BUS_UP.set(1)
-    probing = asyncio.create_task(probe.run())
+    probing = asyncio.create_task(probe.run(), name="bus probe")
     health = None
     if settings.metrics_port:
         health = await serve_health(
@@ -289,20 +290,32 @@ async def run_ingestor(settings: IngestorSettings, bus: Bus, stop: asyncio.Event
             lambda: state.leading and state.upstream_up.is_set() and probe.ok)
     log.info("ingestor started", extra={"symbols": len(settings.symbols),
                                         "upstreams": len(settings.upstream_urls)})
-    try:
+
+    async def elect_and_lead() -> None:
         while True:
             # With nobody to elect against (fence ""), there is nobody to give way to either.
             won = await _campaign(leadership, settings.leader_ttl, stop, state if state.fence else None)
             if won is None or await _lead(settings, leadership, *won, state, stop, demand):
-                break
+                return
+
+    leading = asyncio.create_task(elect_and_lead(), name="leadership")
+    try:
+        done, _ = await asyncio.wait({leading, probing}, return_when=asyncio.FIRST_COMPLETED)
+        if leading not in done:
+            stop.set()  # leave the vendor and the lease as on a stop; then cancel what remains
+            raise task_ended(probing, log)
+        if not leading.cancelled() and isinstance(leading.exception(), Exception):
+            # A term's task failed (the upstream pool, the publisher): nothing here mends it.
+            raise task_ended(leading, log)
+        leading.result()
     finally:
+        if not leading.done():
+            await cancel_all([leading])
         # After leaving the vendor: a standby may take over at once. Also frees a lease that a
         # claim won while its reply was lost.
         with contextlib.suppress(*LEASE_ERRORS):
             await asyncio.wait_for(leadership.release(), settings.leader_ttl / 3)
-        probing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await probing
+        await cancel_all([probing])
         if health is not None:
             health.close()
         await leadership.close()

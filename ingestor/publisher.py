@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 
 from redis.exceptions import RedisError
 
@@ -29,7 +30,7 @@ class Publisher:
         self._bus = bus
         self.fence = fence  # this term's leader token ("" = none); Fenced once another leads
         self._queue: deque[Message] = deque()
-        self._parked: deque[Message] = deque()  # what a shard that is away did not take yet
+        self._parked = _Parked()  # what a shard that is away did not take yet
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._wake = asyncio.Event()
@@ -52,10 +53,8 @@ class Publisher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue or self._parked:
-                n = min(len(self._queue), self._max_batch)
-                fresh = [self._queue.popleft() for _ in range(n)]
-                # A symbol's parked ticks go first: its fresh ones must not overtake them.
-                batch = [*self._parked, *fresh]
+                retried, fresh = self._next_batch()
+                batch = [*retried, *fresh]
                 metrics.QUEUE.set(len(self._queue) + len(self._parked))
                 try:
                     await self._bus.publish(batch, self.fence)
@@ -68,7 +67,7 @@ class Publisher:
                     # One shard is away, the others took their ticks. Its ticks are parked and
                     # retried beside each batch of fresh ones, so the live shards keep flowing
                     # rather than waiting behind a queue front that only the away shard holds.
-                    self._park(exc.unpublished)
+                    self._park(exc.unpublished, len(retried))
                     metrics.PUBLISH_ERRORS.inc()
                     metrics.TICKS_PUBLISHED.inc(len(batch) - len(exc.unpublished))
                     now = time.monotonic()
@@ -85,8 +84,7 @@ class Publisher:
                     self._queue.extendleft(reversed(fresh))
                     metrics.PUBLISH_ERRORS.inc()
                     delay = backoff.next_delay()
-                    away = {m.symbol for m in self._parked}
-                    if not away or any(m.symbol not in away for m in fresh):
+                    if not self._parked or any(not self._parked.count(m.symbol) for m in fresh):
                         log.warning("publish failed", extra={"error": str(exc),
                                                              "retry_s": round(delay, 2)})
                         await asyncio.sleep(delay)
@@ -104,7 +102,8 @@ class Publisher:
                         await self._wait_for_ticks(delay)
                     continue
                 backoff.reset()
-                self._parked.clear()
+                self._parked.drop(len(retried))
+                self._bound_parked()
                 metrics.TICKS_PUBLISHED.inc(len(batch))
             metrics.QUEUE.set(0)
             self._idle.set()
@@ -115,13 +114,40 @@ class Publisher:
                 await self._wake.wait()
         self._wake.clear()
 
-    def _park(self, unpublished: list[Message]) -> None:
-        """The ticks a shard that is away did not take, in order, bounded like the queue."""
-        self._parked = deque(unpublished)
+    def _next_batch(self) -> tuple[list[Message], list[Message]]:
+        """At most max_batch ticks: the oldest parked ones (the front of `_parked`, left there
+        until published) and fresh ones from the queue.
+
+        A long outage parks far more than one call should carry (a script call that outlasts
+        its timeout runs anyway, looks failed and is parked again): so parked ticks go out in
+        chunks, and while fresh ticks wait they keep at least half of each batch, or the live
+        shards would wait out the backlog. A fresh tick of a symbol still parked behind the
+        chunk joins the back of `_parked` instead: it must not overtake them.
+        """
+        parked = len(self._parked)
+        n_fresh = min(len(self._queue), self._max_batch - min(parked, self._max_batch // 2))
+        retried = self._parked.front(min(parked, self._max_batch - n_fresh))
+        in_chunk = Counter(m.symbol for m in retried)
+        fresh: list[Message] = []
+        for _ in range(n_fresh):
+            message = self._queue.popleft()
+            if self._parked.count(message.symbol) > in_chunk[message.symbol]:
+                self._parked.append(message)
+            else:
+                fresh.append(message)
+        return retried, fresh
+
+    def _park(self, unpublished: list[Message], retried: int) -> None:
+        """Replace the `retried` front of the parked ticks by what a shard that is away did not
+        take (in the batch's order: a symbol's older ticks first), bounded like the queue."""
+        self._parked.drop(retried)
+        self._parked.push_front(unpublished)
+        self._bound_parked()
+
+    def _bound_parked(self) -> None:
         over = len(self._parked) - self._max_queue
-        for _ in range(over):
-            self._parked.popleft()  # old prices are worth least, as in put()
         if over > 0:
+            self._parked.drop(over)  # old prices are worth least, as in put()
             metrics.DROPPED.inc(over)
 
     async def flush(self, timeout: float) -> bool:
@@ -132,3 +158,36 @@ class Publisher:
             return True
         except TimeoutError:
             return False
+
+
+class _Parked:
+    """Ticks waiting for a shard, oldest first, with a count per symbol (asked once per fresh
+    tick while a shard is away: a scan of up to max_queue ticks each time would cost more)."""
+
+    def __init__(self) -> None:
+        self._ticks: deque[Message] = deque()
+        self._counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._ticks)
+
+    def count(self, symbol: str) -> int:
+        return self._counts[symbol]
+
+    def front(self, n: int) -> list[Message]:
+        return list(itertools.islice(self._ticks, n))
+
+    def append(self, message: Message) -> None:
+        self._ticks.append(message)
+        self._counts[message.symbol] += 1
+
+    def push_front(self, messages: list[Message]) -> None:
+        self._ticks.extendleft(reversed(messages))
+        self._counts.update(m.symbol for m in messages)
+
+    def drop(self, n: int) -> None:
+        for _ in range(n):
+            symbol = self._ticks.popleft().symbol
+            self._counts[symbol] -= 1
+            if not self._counts[symbol]:
+                del self._counts[symbol]

@@ -29,7 +29,15 @@ class PartlyPublished(Exception):
 
 TickHandler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], None]
+# Up: the control channel is subscribed and the bus's core answers (a single Redis; on a
+# cluster, the node of the `{meta}` slot that holds keys, limits and the lease). Readiness.
 StateHandler = Callable[[bool], None]
+# These symbols' subscriptions were made again after a loss: pub/sub dropped what was published
+# meanwhile, and history has it.
+ResubscribedHandler = Callable[[Collection[str]], None]
+# The bus nodes (host:port) whose symbols wait for them now: a cluster shard that is away while
+# the rest of the bus works. Empty when none.
+AwayHandler = Callable[[Collection[str]], None]
 
 
 class Subscriber(Protocol):
@@ -69,7 +77,8 @@ class Bus(Protocol):
     async def publish_control(self, event: bytes) -> None: ...
 
     def subscriber(
-        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
+        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler,
+        on_resubscribed: ResubscribedHandler | None = None, on_away: AwayHandler | None = None,
     ) -> Subscriber: ...
 
     async def ping(self) -> None:

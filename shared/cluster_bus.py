@@ -31,10 +31,19 @@ from typing import cast
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, SlotNotCoveredError
 
-from shared.bus import ControlHandler, Fenced, Message, PartlyPublished, StateHandler, TickHandler
+from shared.bus import (
+    AwayHandler,
+    ControlHandler,
+    Fenced,
+    Message,
+    PartlyPublished,
+    ResubscribedHandler,
+    StateHandler,
+    TickHandler,
+)
 from shared.cluster_subscriber import ClusterSubscriber
 from shared.names import Names
-from shared.redis_bus import read_history
+from shared.redis_bus import READ_TIMEOUT, read_history
 from shared.redis_url import ClusterUnavailable, RedisTarget, connect, parse_redis_url
 
 log = logging.getLogger("fxproxy.bus")
@@ -97,7 +106,17 @@ class ClusterBus:
                  fence_ttl: float = 30.0) -> None:
         self.target = url if isinstance(url, RedisTarget) else parse_redis_url(url)
         self.url = self.target.url
-        self.client = cast(RedisCluster, connect(self.target, retries=3, socket_timeout=5.0))
+        # Works with the slots that are served: with full coverage required, one shard away
+        # would fail every command (history, snapshots, keys) until its failover ends.
+        self.client = cast(RedisCluster, connect(self.target, retries=3, socket_timeout=5.0,
+                                                 full_coverage=False))
+        # The edge's reads (history refills, snapshots, the readiness ping) have a client whose
+        # reads time out within READ_TIMEOUT: one sent to a primary that hung (the map predates
+        # its failover) then fails in time for redis-py to fetch a fresh map and retry on its
+        # replacement, inside FXPROXY_REPAIR_TIMEOUT; with 5 s it outlasted the repair, and a
+        # quiet symbol's refill was lost.
+        self._reader = cast(RedisCluster, connect(self.target, retries=3, socket_timeout=READ_TIMEOUT,
+                                                  connect_timeout=READ_TIMEOUT, full_coverage=False))
         # Publishing has a client of its own that fails at once and works with the slots that are
         # served: the publisher retries what a shard that is away did not take, and redis-py's
         # own retry (or its wait for full coverage) would hold up every shard. Short timeouts: a
@@ -113,6 +132,7 @@ class ClusterBus:
         self._token = ""  # the newest lease token of ours seen while publishing
         self._reloaded_at = float("-inf")
         self._reloading: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None  # the reader's map, before refills
 
     async def publish(self, messages: Sequence[Message], fence: str = "") -> None:
         token = await self._lease_token(fence) if fence else ""
@@ -133,8 +153,18 @@ class ClusterBus:
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                fenced += (s for s, r in zip(group, outcome, strict=True) if r == -1)
-                refused += sum(r for r in outcome if r > 0)
+                for symbol, result in zip(group, outcome, strict=True):
+                    if isinstance(result, (RedisError, OSError)):
+                        # That symbol alone (its slot moving, a replica's READONLY): its
+                        # shard-mates' ticks are in and must not be sent again each batch.
+                        unpublished.add(symbol)
+                        error = error or result
+                    elif isinstance(result, BaseException):
+                        raise result
+                    elif result == -1:
+                        fenced.append(symbol)
+                    else:
+                        refused += result
         if fenced:
             raise Fenced(f"a newer leader than {fence} published {', '.join(fenced[:5])}")
         if refused:
@@ -180,14 +210,16 @@ class ClusterBus:
         return list(groups.values())
 
     async def _publish_group(self, symbols: list[str], ticks: dict[str, list[str | int | bytes]],
-                             token: str) -> list[int]:
+                             token: str) -> list[int | BaseException]:
+        """One shard's pipeline: each symbol's script result, or its error (the whole pipeline
+        raises only when the shard itself fails)."""
         n = self.names
         pipe = self._publisher.pipeline(transaction=False)
         for symbol in symbols:
             keys = (n.history(symbol), n.last_value(symbol), n.fence(symbol))
             pipe.eval(_PUBLISH_SYMBOL, len(keys), *keys, n.tick_channel(symbol), self._history_len,
                       token, term_of(token), self._fence_ttl_ms, *ticks[symbol])
-        return cast(list[int], await pipe.execute())
+        return cast(list[int | BaseException], await pipe.execute(raise_on_error=False))
 
     async def _lease_token(self, fence: str) -> str:
         holder = cast(bytes | None, await self.client.get(self.names.leader))
@@ -206,7 +238,7 @@ class ClusterBus:
         wanted = list(symbols)
         if not wanted:
             return {}
-        values = cast(list[bytes | None], await self.client.mget_nonatomic(
+        values = cast(list[bytes | None], await self._reader.mget_nonatomic(
             [self.names.last_value(s) for s in wanted]))
         return {s: v for s, v in zip(wanted, values, strict=True) if v is not None}
 
@@ -223,26 +255,61 @@ class ClusterBus:
         return symbols
 
     async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
-        return await read_history(self.client, self.names.history(symbol), after_seq, limit)
+        return await read_history(self._reader, self.names.history(symbol), after_seq, limit)
 
     async def publish_control(self, event: bytes) -> None:
         # Classic PUBLISH: a cluster forwards it to every node, so every edge hears it.
         await self.client.publish(self.names.control, event)
 
     def subscriber(
-        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
+        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler,
+        on_resubscribed: ResubscribedHandler | None = None, on_away: AwayHandler | None = None,
     ) -> ClusterSubscriber:
-        return ClusterSubscriber(self.target, self.names, on_tick, on_control, on_state)
+        refill = None if on_resubscribed is None else self._after_fresh_map(on_resubscribed)
+        return ClusterSubscriber(self.target, self.names, on_tick, on_control, on_state, refill, on_away)
+
+    def _after_fresh_map(self, handler: ResubscribedHandler) -> ResubscribedHandler:
+        """`handler`, called once the reading client has a fresh slot map: symbols are
+        resubscribed where they live after a failover, and their refill must read history there,
+        not from the primary they left (which redis-py would only find out by a timeout)."""
+        waiting: set[str] = set()
+
+        async def refresh() -> None:
+            while waiting:
+                symbols = set(waiting)
+                with contextlib.suppress(RedisClusterException, RedisError, OSError):
+                    await self._reader.nodes_manager.initialize()
+                waiting.difference_update(symbols)
+                handler(symbols)
+
+        def resubscribed(symbols: Collection[str]) -> None:
+            waiting.update(symbols)
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(refresh())
+
+        return resubscribed
 
     async def ping(self) -> None:
-        await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        """The node of the `{meta}` slot answers: keys, limits, lease and control live there.
+        Not every primary: one shard away holds up only its symbols, and a probe that failed
+        for it would make every edge unready for the whole failover."""
+        try:
+            await self._reader.initialize()  # a no-op unless an error asked for a fresh map
+            node = self._reader.get_node_from_key(self.names.leader)
+        except RedisClusterException as exc:  # no node answers, or the slot is unserved
+            raise ClusterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if node is None:
+            raise ClusterUnavailable("no slot map yet")
+        await self._reader.ping(target_nodes=node)
 
     async def close(self) -> None:
-        if self._reloading is not None:
-            self._reloading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reloading
+        for task in (self._reloading, self._refreshing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._publisher.aclose()
+        await self._reader.aclose()
         await self.client.aclose()
 
 

@@ -1,15 +1,20 @@
-"""The edge's reader of a Redis Cluster bus: one SSUBSCRIBE connection per primary that owns a
-subscribed symbol, plus one classic SUBSCRIBE for the control channel (a cluster forwards classic
-PUBLISH to every node, so any node will do).
+"""The edge's reader of a Redis Cluster bus: one connection per primary that owns a subscribed
+symbol (SSUBSCRIBE), the control channel (classic SUBSCRIBE) on the `{meta}` slot's primary.
 
 Not redis-py's ClusterPubSub: it repairs subscriptions by itself (its per-node PubSubs reconnect
 and resubscribe on error, and a slots-cache listener migrates channels in a background task), so a
-failover would cost ticks that nobody notices. Here a loss is always reported: when a node's
-connection fails, a reply is MOVED, or the server pushes `sunsubscribe` (the slot moved, or its
-primary became a replica), on_state(False); then a fresh slot map from CLUSTER SLOTS, the lost
-symbols subscribed again where they live now, and on_state(True), on which the hub refills every
-symbol from history. Only the lost node's (or channel's) symbols are re-made: the other nodes'
-connections keep delivering meanwhile.
+failover would cost ticks that nobody notices. Here every loss is seen and accounted for per node:
+a node is *away* when its connection fails, does not answer its PINGs (shared/pubsub_liveness.py),
+a command to it fails, or it cannot be opened. Its symbols' subscriptions are lost; a fresh slot
+map (CLUSTER SLOTS, partial maps taken as they are) says where they live now, they are subscribed
+there, and each one's confirmation reports it resubscribed, on which the hub refills it from
+history. A symbol whose slot moved (a failover, a migration, a `sunsubscribe` the server pushes)
+is lost alone, the same way. The other nodes' subscriptions never wait: new symbols on live shards
+are subscribed at once while a node is away.
+
+Up/down (on_state) is the control channel's connection, on the node that serves the `{meta}`
+slot (keys, limits, lease, control): an away shard that holds only symbols is reported by
+on_away, not as the bus down.
 """
 
 from __future__ import annotations
@@ -19,291 +24,376 @@ import contextlib
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from shared.bus import ControlHandler, StateHandler, TickHandler
+from shared.bus import AwayHandler, ControlHandler, ResubscribedHandler, StateHandler, TickHandler
+from shared.cluster_ledger import Ledger
 from shared.names import Names
+from shared.pubsub_liveness import ANSWER_DEADLINE, PongWatch, answered
 from shared.redis_url import RedisTarget, connect
+from shared.slot_map import Address, SlotMap, by_slot, load_slot_map, symbol_in
 
 log = logging.getLogger("fxproxy.bus")
 
-Address = tuple[str, int]
 
-_TIMEOUT = 2.0  # seconds to connect to a node, and for a CLUSTER SLOTS reply
-
-
-class _Lost(Exception):
-    """The generation's subscriptions no longer cover what they should."""
+@dataclass(slots=True)
+class _Node:
+    client: Redis
+    pubsub: PubSub
+    reader: asyncio.Task[None] | None = None
 
 
 class ClusterSubscriber:
     def __init__(self, target: RedisTarget, names: Names, on_tick: TickHandler,
-                 on_control: ControlHandler, on_state: StateHandler) -> None:
+                 on_control: ControlHandler, on_state: StateHandler,
+                 on_resubscribed: ResubscribedHandler | None = None,
+                 on_away: AwayHandler | None = None) -> None:
         self._target = target
         self._names = names
         self._on_tick = on_tick
         self._on_control = on_control
         self._on_state = on_state
-        self._symbols: set[str] = set()
+        self._on_resubscribed = on_resubscribed
+        self._on_away = on_away
+        self._ledger = Ledger()
         self._connected = False
         self._seeds: list[Address] = list(target.nodes)
-        self._slots: list[tuple[int, int, Address]] = []
-        self._nodes: dict[Address, PubSub] = {}  # one connection per primary we read from
-        self._readers: dict[Address, asyncio.Task[None]] = {}
-        self._home: dict[str, Address] = {}  # symbol -> the node it is subscribed on
+        self._map = SlotMap()
+        self._nodes: dict[Address, _Node] = {}  # open connections, one per primary we read from
+        self._opening: dict[Address, asyncio.Lock] = {}
+        self._probes: dict[Address, asyncio.Task[None]] = {}  # away nodes being tried again
+        self._closing: set[asyncio.Task[None]] = set()
+        self._away: dict[Address, float] = {}  # node -> loop time it went away
         self._control_at: Address | None = None
-        self._broken: set[Address] = set()  # nodes whose connection failed
-        self._lost = asyncio.Event()  # something must be re-made
-        self._leaving: set[bytes] = set()  # channels we asked to sunsubscribe
+        self._repair = asyncio.Event()  # something waits for a fresh slot map
         self._symbol_of: dict[bytes, str] = {}
         self._control = names.control.encode()
-        # Every (s)subscribe, sunsubscribe and connection drop holds this: redis-py's PubSub
-        # is not safe for two commands at once (two first commands open two connections), and
-        # a change made between another's awaits would be undone or lost.
+        # Every (s)subscribe and sunsubscribe holds this: a change made between another's awaits
+        # would be undone or lost. Commands to a node have a deadline, and nodes known to be away
+        # get none, so it is never held for long.
         self._changing = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def away(self) -> list[str]:
+        """The nodes whose subscriptions are lost and not made again yet, as host:port."""
+        return sorted(f"{h}:{p}" for h, p in self._away)
+
     async def subscribe(self, symbols: Collection[str]) -> None:
-        self._symbols.update(symbols)
-        async with self._changing:
-            if self._connected:  # else the next repair subscribes them
-                await self._sync(home=True)
+        self._ledger.want(symbols)
+        await self._sync()
 
     async def unsubscribe(self, symbols: Collection[str]) -> None:
-        self._symbols.difference_update(symbols)
-        async with self._changing:
-            await self._sync(home=self._connected)
+        self._ledger.drop(symbols)
+        await self._sync()
 
-    async def _sync(self, home: bool) -> None:
-        """Make what is subscribed match the wanted set; the caller holds `_changing`. Until
-        nothing differs: the hub may change the wanted set while a command is on its way."""
-        while not self._lost.is_set():
-            stale = [s for s in self._home if s not in self._symbols]
-            missing = [s for s in self._symbols if s not in self._home] if home else []
+    # Subscriptions
+
+    def _channel(self, symbol: str) -> str:
+        return self._names.tick_channel(symbol)
+
+    async def _sync(self) -> None:
+        """Make what is subscribed match the wanted set on every node that is not away, opening
+        connections to the owners it needs first (outside the lock: an open can take a while)."""
+        if not self._map.spans:
+            return  # run() has no slot map yet; it syncs once it has one
+        while True:
+            await asyncio.gather(*(self._open(a) for a in self._unopened()))
+            async with self._changing:
+                await self._reconcile()
+            if not self._unopened():
+                return
+
+    def _owner(self, symbol: str) -> Address | None:
+        return self._map.owner(self._channel(symbol))
+
+    def _unopened(self) -> set[Address]:
+        owners = {self._owner(s) for s in self._ledger.unhomed()}
+        return {a for a in owners if a is not None and a not in self._nodes and a not in self._away}
+
+    async def _reconcile(self) -> None:
+        """The caller holds `_changing`. Until nothing differs: the hub may change the wanted set
+        while a command is on its way."""
+        while True:
+            stale = self._ledger.stale()
+            missing = [s for s in self._ledger.unhomed() if self._owner(s) in self._nodes]
             if not stale and not missing:
                 return
             await self._leave(stale)
-            await self._home_symbols(missing)
+            await self._enter(missing)
 
     async def _leave(self, symbols: Collection[str]) -> None:
         by_node: dict[Address, list[str]] = defaultdict(list)
         for symbol in symbols:
-            address = self._home.pop(symbol, None)
-            if address is not None:
-                by_node[address].append(self._names.tick_channel(symbol))
-        for address, channels in by_node.items():
-            for group in _by_slot(channels):
-                pubsub = self._nodes.get(address)
-                if pubsub is None:
-                    break  # its connection was dropped, and its subscriptions with it
-                self._leaving.update(c.encode() for c in group)
-                if not await self._guard(address, pubsub.sunsubscribe(*group)):
+            by_node[self._ledger.home[symbol]].append(symbol)
+        for address, node_symbols in by_node.items():
+            for group in by_slot(node_symbols, self._channel):
+                node = self._nodes.get(address)
+                if node is None:  # not expected: a node's homes go when its connection does
+                    self._node_lost(address, RedisConnectionError("no connection to a home node"))
+                    break
+                channels = [self._channel(s) for s in group]
+                self._ledger.leaving(group, [c.encode() for c in channels])
+                if not await self._command(address, node.pubsub.sunsubscribe(*channels)):
                     break
 
-    async def _home_symbols(self, symbols: Collection[str]) -> None:
-        """Subscribe each symbol on the node that owns it now, as far as the slot map knows."""
+    async def _enter(self, symbols: Collection[str]) -> None:
         by_node: dict[Address, list[str]] = defaultdict(list)
         for symbol in symbols:
-            try:
-                by_node[self._owner(self._names.tick_channel(symbol))].append(symbol)
-            except _Lost as exc:
-                log.warning("bus subscription deferred", extra={"error": str(exc)})
-                self._lost.set()
-        for address, group_symbols in by_node.items():
-            pubsub = self._pubsub_for(address)
-            channels = [self._names.tick_channel(s) for s in group_symbols]
-            for group in _by_slot(channels):  # one SSUBSCRIBE may name channels of one slot only
-                self._leaving.difference_update(c.encode() for c in group)
-                if not await self._guard(address, pubsub.ssubscribe(*group)):
-                    return
-            for symbol in group_symbols:
-                # Even if the hub dropped it meanwhile: it is subscribed, and _sync unsubscribes it.
-                self._home[symbol] = address
+            owner = self._owner(symbol)
+            if owner is not None:
+                by_node[owner].append(symbol)
+        for address, node_symbols in by_node.items():
+            # One SSUBSCRIBE may name channels of one slot only.
+            for group in by_slot(node_symbols, self._channel):
+                node = self._nodes.get(address)
+                if node is None:
+                    break
+                # Before the command: its confirmation, which refills a lost symbol, must find the
+                # symbol at home. If the command fails, the node's loss takes the homes back.
+                # Even if the hub dropped them meanwhile: _reconcile unsubscribes them.
+                self._ledger.entered(group, address)
+                if not await self._command(address, node.pubsub.ssubscribe(*map(self._channel, group))):
+                    break
 
-    async def _guard(self, address: Address, call: Any) -> bool:
+    async def _command(self, address: Address, call: Awaitable[Any]) -> bool:
         try:
-            await call
+            async with asyncio.timeout(ANSWER_DEADLINE):
+                await call
             return True
-        except (RedisError, OSError) as exc:
-            log.warning("bus subscription change failed", extra={
-                "node": f"{address[0]}:{address[1]}", "error": f"{type(exc).__name__}: {exc}"})
-            self._broken.add(address)
-            self._lost.set()
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            self._node_lost(address, exc)
             return False
+
+    # Nodes
+
+    async def _open(self, address: Address) -> None:
+        """A connection to `address` that answered a PING, and its reader; or the node is away."""
+        async with self._opening.setdefault(address, asyncio.Lock()):
+            if address in self._nodes:
+                return
+            client = self._client(*address, timeout=None)
+            pubsub = client.pubsub()
+            try:
+                await answered(pubsub)
+            except (RedisError, OSError) as exc:
+                self._spawn_close(_Node(client, pubsub))
+                if address not in self._away:
+                    self._node_lost(address, exc)
+                return
+            node = self._nodes[address] = _Node(client, pubsub)
+            node.reader = asyncio.create_task(self._read(address, node))
+            went = self._away.pop(address, None)
+            if went is not None:
+                log.info("bus node back", extra={
+                    "node": _name(address), "away_s": round(asyncio.get_running_loop().time() - went, 2)})
+                self._report_away()
+
+    def _node_lost(self, address: Address, exc: BaseException) -> None:
+        """Drop a node's connection: its symbols wait for a fresh slot map and are refilled once
+        subscribed again. Synchronous, so that nothing runs between the bookkeeping steps."""
+        node = self._nodes.pop(address, None)
+        if node is not None:
+            if node.reader is not None and node.reader is not asyncio.current_task():
+                node.reader.cancel()
+            self._spawn_close(node)
+        lost = self._ledger.node_lost(address)
+        new = address not in self._away
+        if new:
+            self._away[address] = asyncio.get_running_loop().time()
+        if new or node is not None:
+            log.warning("bus node away", extra={"node": _name(address), "symbols": len(lost),
+                                                "error": f"{type(exc).__name__}: {exc}"})
+        if self._control_at == address:
+            self._control_at = None
+            self._set_connected(False)
+        if new:
+            self._report_away()
+        self._repair.set()
+
+    def _probe(self, address: Address) -> None:
+        """Try an away node again in the background: a hung one costs a whole deadline, and slot
+        map reloads (which find its replacement) must not wait for that."""
+        if address in self._probes:
+            return
+        task = self._probes[address] = asyncio.create_task(self._open(address))
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._probes.pop(address, None)
+            if address in self._nodes:
+                self._repair.set()  # back: subscribe what waits for it
+
+        task.add_done_callback(done)
+
+    def _spawn_close(self, node: _Node) -> None:
+        task = asyncio.create_task(_close_quietly(node))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _set_connected(self, up: bool) -> None:
+        if up != self._connected:
+            self._connected = up
+            self._on_state(up)
+
+    def _report_away(self) -> None:
+        if self._on_away is not None:
+            self._on_away(self.away)
+
+    # The repair loop
 
     async def run(self) -> None:
         delay = 0.1
         try:
             while True:
+                self._repair.clear()
                 try:
-                    async with self._changing:
-                        await self._repair()
-                        if not self._lost.is_set() and not self._connected:
-                            # Under the lock: a subscribe waiting for it then sees connected.
-                            self._connected = True
-                            self._on_state(True)
-                    if not self._lost.is_set():
-                        delay = 0.1
-                        await self._lost.wait()
-                except (RedisError, OSError, _Lost) as exc:
-                    log.warning("bus subscriber lost", extra={"error": f"{type(exc).__name__}: {exc}",
-                                                              "retry_s": delay})
-                if self._connected:
-                    self._connected = False
-                    self._on_state(False)
-                self._lost.clear()
-                async with self._changing:
-                    await self._drop_broken()
+                    await self._repair_once()
+                except (RedisError, OSError) as exc:
+                    log.warning("bus subscriber repair failed", extra={
+                        "error": f"{type(exc).__name__}: {exc}", "retry_s": delay})
+                if self._whole():
+                    delay = 0.1
+                    await self._repair.wait()
+                    continue
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                # A short cap: one CLUSTER SLOTS an attempt, and the lost node's symbols are what
-                # waits for it while the other nodes deliver.
+                # A short cap: one CLUSTER SLOTS an attempt, and what waits is only the away
+                # node's symbols (or, for the {meta} node, readiness).
                 delay = min(delay * 2, 0.5)
         finally:
-            async with self._changing:
-                self._broken.update(self._nodes)
-                await self._drop_broken()
-
-    async def _repair(self) -> None:
-        """A fresh slot map; the control channel and every symbol not subscribed where it lives.
-        The caller holds `_changing`."""
-        await self._load_slots()
-        for symbol, home in list(self._home.items()):
-            if self._owner(self._names.tick_channel(symbol)) != home:
-                del self._home[symbol]  # its slot lives elsewhere now (moved, or a failover)
-        if self._control_at is None:
-            address = random.choice(self._primaries())
-            if await self._guard(address, self._pubsub_for(address).subscribe(self._names.control)):
-                self._control_at = address
-        await self._sync(home=True)
-
-    async def _drop_broken(self) -> None:
-        for address in list(self._broken):
-            task = self._readers.pop(address, None)
-            if task is not None:
+            self._set_connected(False)
+            for task in list(self._probes.values()):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            pubsub = self._nodes.pop(address, None)
-            if pubsub is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-            for symbol in [s for s, home in self._home.items() if home == address]:
-                del self._home[symbol]
-            if self._control_at == address:
-                self._control_at = None
-        self._broken.clear()
+            nodes = list(self._nodes.values())
+            self._nodes.clear()
+            for node in nodes:
+                if node.reader is not None:
+                    node.reader.cancel()
+                await _close_quietly(node)
+            if self._closing:
+                await asyncio.gather(*self._closing, return_exceptions=True)
 
-    async def _load_slots(self) -> None:
-        """The slot map from the first seed that answers; learned primaries become seeds too."""
-        errors: list[str] = []
-        # The last map's primaries first: after a failover the configured seeds may be the
-        # ones that are away, and each costs up to a connect timeout.
-        primaries = self._primaries()
-        others = [a for a in self._seeds if a not in primaries]
-        for host, port in [*random.sample(primaries, len(primaries)),
-                           *random.sample(others, len(others))]:
-            client = self._client(host, port, timeout=_TIMEOUT)
-            try:
-                reply = cast(list[list[Any]], await client.execute_command("CLUSTER SLOTS"))  # type: ignore[no-untyped-call]
-            except (RedisError, OSError) as exc:
-                errors.append(f"{host}:{port}: {exc}")
-                continue
-            finally:
-                await client.aclose()
-            slots = [(int(lo), int(hi), (_text(node[0]) or host, int(node[1])))
-                     for lo, hi, node, *_ in reply]
-            if sum(hi - lo + 1 for lo, hi, _ in slots) < 16384:
-                errors.append(f"{host}:{port}: not every slot is served yet")
-                continue
-            self._slots = sorted(slots)
-            self._seeds = list(dict.fromkeys([*self._seeds, *(a for _, _, a in slots)]))
-            return
-        raise _Lost("no cluster node gave a full slot map: " + "; ".join(errors))
+    def _whole(self) -> bool:
+        return self._control_at is not None and self._ledger.whole()
 
-    def _primaries(self) -> list[Address]:
-        return list(dict.fromkeys(a for _, _, a in self._slots))
+    async def _repair_once(self) -> None:
+        """A fresh slot map; then the control channel and every symbol where they live now."""
+        self._map = await load_slot_map(self._query_slots, self._map, self._seeds, self._away)
+        self._seeds = list(dict.fromkeys([*self._seeds, *self._map.primaries()]))
+        moved = self._ledger.moved(self._owner)
+        if moved:
+            log.warning("bus subscriptions moved", extra={"symbols": len(moved)})
+        owners = {self._owner(s) for s in self._ledger.unhomed()}
+        meta = self._map.owner(self._names.control)
+        if self._control_at is None:
+            owners.add(meta)
+        needed = {a for a in owners if a is not None}
+        for address in [a for a in self._away if a not in needed]:
+            # Out of the map, or nothing of ours lives there any more: nothing waits for it.
+            del self._away[address]
+            log.info("bus node no longer needed", extra={"node": _name(address)})
+            self._report_away()
+        for address in needed:
+            if address in self._away:
+                self._probe(address)
+        if self._control_at is None and meta is not None and meta not in self._away:
+            await self._open(meta)
+            async with self._changing:
+                node = self._nodes.get(meta)
+                if node is not None and self._control_at is None and \
+                        await self._command(meta, node.pubsub.subscribe(self._names.control)):
+                    self._control_at = meta
+                    self._set_connected(True)
+        await self._sync()
+        self._close_idle()
 
-    def _owner(self, channel: str) -> Address:
-        slot = key_slot(channel.encode())
-        for lo, hi, address in self._slots:
-            if lo <= slot <= hi:
-                return address
-        raise _Lost(f"slot {slot} is not served")
+    def _close_idle(self) -> None:
+        """Close connections to nodes that are no primary any more (a failover's old primary)
+        and hold nothing of ours; an idle primary's stays open for the next symbol there."""
+        primaries = set(self._map.primaries())
+        busy = self._ledger.busy()
+        for address in [a for a in self._nodes if a not in primaries and a not in busy
+                        and a != self._control_at]:
+            node = self._nodes.pop(address)
+            if node.reader is not None:
+                node.reader.cancel()
+            self._spawn_close(node)
+            log.info("bus connection closed: no longer a primary", extra={"node": _name(address)})
 
-    def _pubsub_for(self, address: Address) -> PubSub:
-        pubsub = self._nodes.get(address)
-        if pubsub is None:
-            client = self._client(*address, timeout=None)
-            pubsub = self._nodes[address] = client.pubsub()
-            self._readers[address] = asyncio.create_task(self._read(address, pubsub))
-        return pubsub
+    async def _query_slots(self, address: Address) -> list[list[Any]]:
+        client = self._client(*address, timeout=ANSWER_DEADLINE)
+        try:
+            return cast(list[list[Any]], await client.execute_command("CLUSTER SLOTS"))  # type: ignore[no-untyped-call]
+        finally:
+            await client.aclose()
 
     def _client(self, host: str, port: int, timeout: float | None) -> Redis:
         # No retries: a reconnect inside redis-py would resubscribe without telling the hub.
         return cast(Redis, connect(self._target.node_url(host, port), retries=0, socket_timeout=timeout,
-                                   connect_timeout=_TIMEOUT))
+                                   connect_timeout=ANSWER_DEADLINE))
 
-    async def _read(self, address: Address, pubsub: PubSub) -> None:
+    # Reading
+
+    async def _read(self, address: Address, node: _Node) -> None:
         try:
-            await self._read_messages(pubsub)
+            await self._read_messages(address, node)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any end of a reader is a loss: none dies unseen
-            log.warning("bus node lost", extra={"node": f"{address[0]}:{address[1]}",
-                                                "error": f"{type(exc).__name__}: {exc}"})
-            self._broken.add(address)
-            self._lost.set()
+            if self._nodes.get(address) is node:
+                self._node_lost(address, exc)
 
-    async def _read_messages(self, pubsub: PubSub) -> None:
-        symbol_of, control = self._symbol_of, self._control
+    async def _read_messages(self, address: Address, node: _Node) -> None:
+        control, watch = self._control, PongWatch(node.pubsub)
         while True:
-            if not pubsub.subscribed:
-                await asyncio.sleep(0.05)  # its first (s)subscribe is on its way
-                continue
-            msg: dict[str, Any] | None = await pubsub.get_message(timeout=5.0)
-            if msg is None:
-                await pubsub.check_health()  # type: ignore[no-untyped-call]
-                continue
+            msg = await watch.next_message()
             kind = msg["type"]
             if kind == "smessage":
-                symbol = symbol_of.get(msg["channel"])
-                if symbol is None:
-                    symbol = symbol_of[msg["channel"]] = _symbol_in(msg["channel"])
-                self._on_tick(symbol, msg["data"])
+                self._on_tick(self._symbol(msg["channel"]), msg["data"])
             elif kind == "message" and msg["channel"] == control:
                 self._on_control(msg["data"])
+            elif kind == "ssubscribe":
+                self._confirmed(address, msg["channel"])
             elif kind == "sunsubscribe":
-                channel: bytes = msg["channel"]
-                if channel in self._leaving:
-                    self._leaving.discard(channel)
-                    continue
-                # Pushed by the server: the slot moved or this primary became a replica.
-                log.warning("bus subscription ended by the server", extra={"channel": channel.decode()})
-                self._home.pop(_symbol_in(channel), None)
-                self._lost.set()
+                self._ended(address, msg["channel"])
+
+    def _confirmed(self, address: Address, channel: bytes) -> None:
+        """A subscription is in place: if it was lost before, history may hold what it missed."""
+        symbol = self._symbol(channel)
+        if self._ledger.confirmed(address, symbol) and self._on_resubscribed is not None:
+            self._on_resubscribed([symbol])
+
+    def _ended(self, address: Address, channel: bytes) -> None:
+        if self._ledger.ended(address, channel, self._symbol(channel)):
+            # Pushed by the server: the slot moved or this primary became a replica.
+            log.warning("bus subscription ended by the server", extra={
+                "node": _name(address), "channel": channel.decode()})
+            self._repair.set()
+
+    def _symbol(self, channel: bytes) -> str:
+        symbol = self._symbol_of.get(channel)
+        if symbol is None:
+            symbol = self._symbol_of[channel] = symbol_in(channel)
+        return symbol
 
 
-def _by_slot(channels: list[str]) -> list[list[str]]:
-    groups: dict[int, list[str]] = defaultdict(list)
-    for channel in channels:
-        groups[key_slot(channel.encode())].append(channel)
-    return list(groups.values())
+async def _close_quietly(node: _Node) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        async with asyncio.timeout(ANSWER_DEADLINE):
+            await node.pubsub.aclose()
+            await node.client.aclose()
 
 
-def _symbol_in(channel: bytes) -> str:
-    """The symbol inside a sharded tick channel's hash tag: `fx:{EURUSD}:tick` -> EURUSD."""
-    return channel.partition(b"{")[2].rpartition(b"}")[0].decode()
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
+def _name(address: Address) -> str:
+    return f"{address[0]}:{address[1]}"

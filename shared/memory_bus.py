@@ -6,7 +6,14 @@ import asyncio
 from collections import deque
 from collections.abc import Collection, Sequence
 
-from shared.bus import ControlHandler, Message, StateHandler, TickHandler
+from shared.bus import (
+    AwayHandler,
+    ControlHandler,
+    Message,
+    ResubscribedHandler,
+    StateHandler,
+    TickHandler,
+)
 from shared.names import Names
 
 
@@ -74,8 +81,10 @@ class MemoryBus:
             sub.on_control(event)
 
     def subscriber(
-        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
+        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler,
+        on_resubscribed: ResubscribedHandler | None = None, on_away: AwayHandler | None = None,
     ) -> MemorySubscriber:
+        # Nothing is ever lost in process: no resubscriptions, nothing away.
         return MemorySubscriber(self, on_tick, on_control, on_state)
 
     async def ping(self) -> None:

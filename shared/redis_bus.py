@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import random
 from collections.abc import Collection, Sequence
-from typing import Any, cast
+from typing import cast
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
-from shared.bus import ControlHandler, Fenced, Message, StateHandler, TickHandler
+from shared.bus import (
+    AwayHandler,
+    ControlHandler,
+    Fenced,
+    Message,
+    ResubscribedHandler,
+    StateHandler,
+    TickHandler,
+)
 from shared.names import Names
+from shared.redis_subscriber import RedisSubscriber
 from shared.redis_url import AnyRedis, connect
 
 log = logging.getLogger("fxproxy.bus")
@@ -30,95 +34,6 @@ def connect_redis(url: str, *, retries: int = 3, socket_timeout: float | None = 
     if not isinstance(client, Redis):
         raise ValueError("a Redis Cluster URL needs the cluster bus (shared/cluster_bus.py)")
     return client
-
-
-class RedisSubscriber:
-    def __init__(
-        self, client: Redis, names: Names, on_tick: TickHandler, on_control: ControlHandler,
-        on_state: StateHandler,
-    ) -> None:
-        self._client = client
-        self._names = names
-        self._on_tick = on_tick
-        self._on_control = on_control
-        self._on_state = on_state
-        self._symbols: set[str] = set()
-        self._pubsub: PubSub | None = None
-        self._connected = False
-        self._control = names.control.encode()
-        self._tick_prefix = names.tick_channel_prefix.encode()
-        self._symbol_of: dict[bytes, str] = {}
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    async def subscribe(self, symbols: Collection[str]) -> None:
-        new = [s for s in symbols if s not in self._symbols]
-        self._symbols.update(new)
-        await self._send("subscribe", new)
-
-    async def unsubscribe(self, symbols: Collection[str]) -> None:
-        gone = [s for s in symbols if s in self._symbols]
-        self._symbols.difference_update(gone)
-        await self._send("unsubscribe", gone)
-
-    async def _send(self, command: str, symbols: list[str]) -> None:
-        if not symbols or self._pubsub is None or not self._connected:
-            return  # run() subscribes to the whole set when it (re)connects
-        channels = [self._names.tick_channel(s) for s in symbols]
-        try:
-            await getattr(self._pubsub, command)(*channels)
-        except (RedisError, OSError) as exc:
-            # The reader sees the same failure and resubscribes everything on reconnect.
-            log.warning("bus %s failed", command, extra={"error": str(exc)})
-
-    async def run(self) -> None:
-        delay = 0.1
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                channels = [self._names.control, *map(self._names.tick_channel, self._symbols)]
-                await pubsub.subscribe(*channels)
-                self._pubsub = pubsub
-                self._connected = True
-                self._on_state(True)
-                delay = 0.1
-                await self._read(pubsub)
-            except (RedisError, OSError) as exc:
-                log.warning("bus subscriber lost", extra={"error": str(exc), "retry_s": delay})
-            finally:
-                self._pubsub = None
-                if self._connected:
-                    self._connected = False
-                    self._on_state(False)
-                await _close_quietly(pubsub)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 2.0)
-
-    async def _read(self, pubsub: PubSub) -> None:
-        prefix_len = len(self._tick_prefix)
-        symbol_of = self._symbol_of
-        while True:
-            msg: dict[str, Any] | None = await pubsub.get_message(timeout=5.0)
-            if msg is None:
-                await pubsub.check_health()  # type: ignore[no-untyped-call]
-                continue
-            if msg["type"] != "message":
-                continue
-            channel: bytes = msg["channel"]
-            if channel == self._control:
-                self._on_control(msg["data"])
-                continue
-            symbol = symbol_of.get(channel)
-            if symbol is None:
-                symbol = symbol_of[channel] = channel[prefix_len:].decode()
-            self._on_tick(symbol, msg["data"])
-
-
-async def _close_quietly(pubsub: PubSub) -> None:
-    with contextlib.suppress(RedisError, OSError):
-        await pubsub.aclose()
 
 
 # One call per batch: for each tick PUBLISH it, append it to its symbol's capped history
@@ -178,10 +93,18 @@ async def read_history(client: AnyRedis, key: str, after_seq: int, limit: int) -
     return [fields[b"p"] for _id, fields in entries]
 
 
+# Seconds an edge's read (history refill, snapshot, readiness ping) waits for Redis before it is
+# retried on a fresh connection: well inside FXPROXY_REPAIR_TIMEOUT (2 s by default). With
+# Sentinel a pooled connection to a primary that hung and was replaced would otherwise hold a
+# refill past that timeout; the retry's new connection asks the sentinels where the primary is.
+READ_TIMEOUT = 1.0
+
+
 class RedisBus:
     def __init__(self, url: str, names: Names | None = None, history_len: int = 1000) -> None:
         self.url = url
         self.client = connect_redis(url)
+        self._reader = connect_redis(url, socket_timeout=READ_TIMEOUT)
         self.names = names or Names()
         self._history_len = history_len
         self._publish = self.client.register_script(_PUBLISH)
@@ -209,25 +132,29 @@ class RedisBus:
         wanted = list(symbols)
         if not wanted:
             return {}
-        values = cast(list[bytes | None], await self.client.hmget(self.names.last, wanted))
+        values = cast(list[bytes | None], await self._reader.hmget(self.names.last, wanted))
         return {s: v for s, v in zip(wanted, values, strict=True) if v is not None}
 
     async def history(self, symbol: str, after_seq: int, limit: int) -> list[bytes]:
-        return await read_history(self.client, self.names.history(symbol), after_seq, limit)
+        return await read_history(self._reader, self.names.history(symbol), after_seq, limit)
 
     async def publish_control(self, event: bytes) -> None:
         await self.client.publish(self.names.control, event)
 
     def subscriber(
-        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler
+        self, on_tick: TickHandler, on_control: ControlHandler, on_state: StateHandler,
+        on_resubscribed: ResubscribedHandler | None = None, on_away: AwayHandler | None = None,
     ) -> RedisSubscriber:
         # A client of its own that never retries: redis-py would otherwise reconnect and
-        # resubscribe underneath us, and ticks published meanwhile would vanish unnoticed.
+        # resubscribe underneath us, and ticks published meanwhile would vanish unnoticed. Its
+        # reads are bounded by the subscriber's own PINGs, not a socket timeout. One Redis is
+        # never partly away: on_away is not called.
         client = connect_redis(self.url, retries=0, socket_timeout=None)
-        return RedisSubscriber(client, self.names, on_tick, on_control, on_state)
+        return RedisSubscriber(client, self.names, on_tick, on_control, on_state, on_resubscribed)
 
     async def ping(self) -> None:
-        await self.client.ping()
+        await self._reader.ping()
 
     async def close(self) -> None:
+        await self._reader.aclose()
         await self.client.aclose()

@@ -42,6 +42,17 @@ class CommonSettings(BaseSettings):
         "auto", description="json: one object a line; console: readable; auto: console on a TTY"
     )
 
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_outside_hash_tags(cls, value: str) -> str:
+        # On a cluster the names put the symbol in a hash tag after the prefix: a brace in the
+        # prefix would become the tag instead, putting every symbol in one slot (and garbling
+        # the symbol read back from a channel name).
+        if "{" in value or "}" in value:
+            raise ValueError(f"{value!r} holds '{{' or '}}', which Redis Cluster reads as a hash tag: "
+                             "use letters, digits, ':', '_' or '-'")
+        return value
+
 
 def parse_workers(value: Any) -> int:
     """FXPROXY_WORKERS: a positive number, or 'auto' for the CPUs this process may run on."""

@@ -131,7 +131,7 @@ async def test_client_leaving_mid_subscribe_leaves_no_bus_subscription_behind() 
             await super().unsubscribe(symbols)
 
     class SlowBus(MemoryBus):
-        def subscriber(self, on_tick, on_control, on_state):  # type: ignore[no-untyped-def]
+        def subscriber(self, on_tick, on_control, on_state, *_):  # type: ignore[no-untyped-def]
             return SlowSubscriber(self, on_tick, on_control, on_state)
 
     bus = SlowBus()

@@ -194,7 +194,7 @@ class GatedBus(MemoryBus):
         await self.wait("history")
         return await super().history(symbol, after_seq, limit)
 
-    def subscriber(self, on_tick, on_control, on_state):  # type: ignore[no-untyped-def]
+    def subscriber(self, on_tick, on_control, on_state, *_):  # type: ignore[no-untyped-def]
         bus = self
 
         class Gated(MemorySubscriber):

@@ -8,6 +8,7 @@ kill -9; close() ends exactly the processes it started and removes their directo
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -66,9 +67,11 @@ def wait_ping(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: floa
 
 
 def end_all(procs: dict[int, subprocess.Popen[bytes]], directory: Path) -> None:
-    """kill -9 every process still running, then remove their directory."""
+    """kill -9 every process still running (a frozen one is let go on first), then remove their
+    directory."""
     for proc in procs.values():
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
             proc.kill()
             proc.wait(10)
     procs.clear()
@@ -89,6 +92,7 @@ class RedisCluster:
         self.node_timeout_ms = node_timeout_ms
         self.dir = Path(tempfile.mkdtemp(prefix="fxproxy-rcluster-"))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.frozen: set[int] = set()  # SIGSTOPped: running, but asking them would hang
 
     @property
     def url(self) -> str:
@@ -143,7 +147,8 @@ class RedisCluster:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def alive(self) -> list[int]:
-        return [p for p, proc in self.procs.items() if proc.poll() is None]
+        """Nodes running and not frozen: the ones that answer."""
+        return [p for p, proc in self.procs.items() if proc.poll() is None and p not in self.frozen]
 
     def wait_ok(self, timeout: float) -> float:
         """Seconds until every live node says cluster_state:ok and all agree on the primaries."""
@@ -200,6 +205,17 @@ class RedisCluster:
         proc = self.procs[port]
         proc.kill()
         proc.wait(10)
+
+    def freeze(self, port: int) -> None:
+        """SIGSTOP of one node: a hung process that keeps its sockets open."""
+        self.procs[port].send_signal(signal.SIGSTOP)
+        self.frozen.add(port)
+
+    def thaw(self, port: int) -> None:
+        proc = self.procs.get(port)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+        self.frozen.discard(port)
 
     def flush(self) -> None:
         for port in self.primary_ports():

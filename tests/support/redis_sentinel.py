@@ -7,6 +7,7 @@ kill -9 is failed over within about 2-3 s. close() ends exactly its processes an
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import tempfile
 import time
@@ -122,6 +123,15 @@ class RedisSentinel:
         proc = self.procs[port]
         proc.kill()
         proc.wait(10)
+
+    def freeze(self, port: int) -> None:
+        """SIGSTOP of one process: hung, its sockets left open."""
+        self.procs[port].send_signal(signal.SIGSTOP)
+
+    def thaw(self, port: int) -> None:
+        proc = self.procs.get(port)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
 
     def failover(self) -> None:
         """SENTINEL FAILOVER: a replica is promoted without the primary failing."""

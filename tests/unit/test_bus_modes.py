@@ -160,3 +160,66 @@ async def test_publisher_retries_only_what_a_shard_that_is_away_did_not_take() -
     sent_even = [m.seq for call in bus.calls for m in call if m.symbol == "EVEN"]
     assert sorted(sent_even) == list(range(1, 11))
     assert len(bus.calls) == 4 and took < 3 * PARTIAL_RETRY + 1.0, (len(bus.calls), took)
+
+
+class _OneShard:
+    """A cluster publishing client with every symbol on one shard, where the scripts of the
+    symbols in `failing` fail (a slot moving, a demoted primary's READONLY) and the rest run."""
+
+    class _Node:
+        name = "127.0.0.1:7000"
+
+    class _NodesManager:
+        async def initialize(self) -> None:
+            return None
+
+    def __init__(self, failing: set[str]) -> None:
+        self.failing = failing
+        self.ran: list[tuple[str, int]] = []  # (symbol, seq) of every tick a script took
+        self.nodes_manager = self._NodesManager()
+
+    async def initialize(self) -> None:
+        return None
+
+    def get_node_from_key(self, key: str) -> _OneShard._Node:
+        return self._Node()
+
+    def pipeline(self, transaction: bool) -> _OneShard:
+        self._queued: list[tuple[str, list[int]]] = []
+        return self
+
+    def eval(self, script: str, numkeys: int, *args: str | int | bytes) -> None:
+        symbol = str(args[0]).partition("{")[2].partition("}")[0]
+        self._queued.append((symbol, [int(a) for a in args[numkeys + 5::2]]))
+
+    async def execute(self, raise_on_error: bool = True) -> list[int | Exception]:
+        results: list[int | Exception] = []
+        for symbol, seqs in self._queued:
+            if symbol in self.failing:
+                results.append(RedisError(f"READONLY for {symbol}"))
+            else:
+                self.ran += ((symbol, s) for s in seqs)
+                results.append(0)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if raise_on_error and errors:
+            raise errors[0]
+        return results
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_one_symbols_error_parks_that_symbol_not_its_shard_mates() -> None:
+    bus = ClusterBus("redis+cluster://127.0.0.1:1")
+    shard = _OneShard(failing={"GBPUSD"})
+    bus._publisher = shard  # type: ignore[assignment]
+    batch = [Message(s, seq, b"{}") for seq in (1, 2) for s in ("EURUSD", "GBPUSD", "USDJPY")]
+    with pytest.raises(PartlyPublished) as info:
+        await bus.publish(batch)
+    assert [(m.symbol, m.seq) for m in info.value.unpublished] == [("GBPUSD", 1), ("GBPUSD", 2)]
+    shard.failing.clear()  # the retry: what failed, and fresh ticks
+    await bus.publish([*info.value.unpublished, Message("EURUSD", 3, b"{}")])
+    await bus.close()
+    # Every tick ran once: EURUSD and USDJPY were not sent again with GBPUSD's retry.
+    assert sorted(shard.ran) == sorted([(s, n) for s in ("EURUSD", "GBPUSD", "USDJPY") for n in (1, 2)]
+                                       + [("EURUSD", 3)])

@@ -137,6 +137,25 @@ async def test_after_a_bus_reconnect_missed_ticks_are_replayed_before_held_live_
     assert a.seen == [2, 3, 4, 5]
 
 
+async def test_recovering_some_symbols_reads_history_for_those_alone() -> None:
+    """On a cluster only the lost shard's symbols are refilled: the others lost nothing."""
+    read: list[str] = []
+
+    async def history(symbol: str, after: int, limit: int) -> list[bytes]:
+        read.append(symbol)
+        return [tick(2, symbol=symbol)]
+
+    a = Recorder()
+    hub = Hub(history, repair_timeout=0.2)
+    hub.acquire(["EURUSD", "GBPUSD", "USDJPY"])
+    for symbol in ("EURUSD", "GBPUSD", "USDJPY"):
+        hub.attach(a, symbol, Position("e1", 1), tick(1, symbol=symbol))  # type: ignore[arg-type]
+    hub.recover(["GBPUSD", "AUDUSD"])  # AUDUSD: not held here (any more)
+    await settle()
+    assert read == ["GBPUSD"]
+    assert a.seen == [2]
+
+
 async def test_a_client_ahead_of_the_edge_waits_at_a_gate_and_gets_no_duplicate() -> None:
     a, ahead = Recorder(), Recorder()
     hub = await hub_with(History(), a)

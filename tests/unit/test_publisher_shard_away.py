@@ -102,3 +102,50 @@ async def test_parked_ticks_are_bounded_like_the_queue() -> None:
     assert away == sorted(away) and away[-1] == 400
     assert 40 <= len(away) <= 200, len(away)
     assert [m.seq for _, m in bus.stored if m.symbol == "L0"] == list(range(1, 11))
+
+
+async def test_a_long_outages_parked_ticks_go_out_in_batches_of_max_batch() -> None:
+    """10,000 ticks parked while a shard was away: once back, no call carries more than
+    max_batch (one huge script call outlasts its timeout, looks failed, and is parked again),
+    and the live symbols' fresh ticks keep their share of each batch while the backlog drains."""
+    loop = asyncio.get_running_loop()
+    bus = _ShardAway()
+    publisher = Publisher(bus, max_batch=100)  # type: ignore[arg-type]
+    running = asyncio.create_task(publisher.run())
+    seqs = Sequencer()
+    put_at: dict[tuple[str, int], float] = {}
+
+    def put(symbol: str) -> None:
+        tick = seqs.number(Quote(symbol, 1.0, 1.1, 1.05, 1732186000000))
+        put_at[symbol, tick.seq] = loop.time()
+        publisher.put(tick)
+
+    for i in range(10_000):  # the outage: the away shard's ticks park, the live ones go out
+        put(AWAY[i % len(AWAY)])
+        put(LIVE[0])
+        if i % 50 == 0:
+            await asyncio.sleep(0.001)
+    while publisher._queue:
+        await asyncio.sleep(0.01)
+        assert loop.time() - put_at[LIVE[0], 10_000] < 10, len(publisher._queue)
+    parked = len(publisher._parked)
+    bus.back.set()
+    back_at = loop.time()
+    started = len(bus.batch_sizes)
+    while publisher._parked:  # live ticks keep coming while the backlog drains
+        put(LIVE[1])
+        await asyncio.sleep(0.002)
+        assert loop.time() - back_at < 10, len(publisher._parked)
+    assert await publisher.flush(5)
+    running.cancel()
+    drained = bus.batch_sizes[started:]
+    live_lag = max(at - put_at[m.symbol, m.seq] for at, m in bus.stored
+                   if m.symbol == LIVE[1])
+    print(f"{parked} ticks parked; drained in {len(drained)} calls of at most {max(drained)} "
+          f"ticks; live lag meanwhile {live_lag * 1000:.0f} ms")
+    assert parked >= 9_000, parked
+    assert max(bus.batch_sizes) <= 100, max(bus.batch_sizes)
+    assert live_lag < 0.5, live_lag
+    for symbol in (*AWAY, *LIVE[:2]):  # each tick once, in order
+        stored = [m.seq for _, m in bus.stored if m.symbol == symbol]
+        assert stored == sorted(s for sym, s in put_at if sym == symbol), symbol

@@ -16,7 +16,7 @@ from edge.workers import Supervisor
 from edge.workgroup import STALE_BEAT, WorkerGroup, beat_file, forget_worker, ready_file
 from fxproxy.cli import main
 from fxproxy.config import ConfigError, load_settings
-from shared.settings import EdgeSettings
+from shared.settings import CommonSettings, EdgeSettings, IngestorSettings
 
 
 def edge_settings(**flags: str) -> EdgeSettings:
@@ -113,3 +113,17 @@ def test_a_fork_that_fails_is_retried_later_instead_of_ending_the_supervisor(
     supervisor._start(worker)
     assert worker.pid == 0 and worker.starts == 0
     assert worker.due >= before + workers_module.BACKOFF_FIRST  # started again after the backoff
+
+
+@pytest.mark.parametrize("prefix", ["fx{a}:", "{fx}:", "fx}:", "fx{"])
+def test_a_prefix_with_a_brace_fails_in_one_line(prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A brace would be Redis Cluster's hash tag: every symbol in one slot, channels unreadable."""
+    for model in (EdgeSettings, IngestorSettings, CommonSettings):
+        with pytest.raises(ConfigError, match=r"prefix \(FXPROXY_PREFIX\): .*hash tag") as info:
+            load_settings(model, argparse.Namespace(prefix=prefix))
+        assert "\n" not in str(info.value)
+    # Refused before anything connects (port 1 would refuse at once: exit 1, not 2).
+    assert main(["keys", "list", "--prefix", prefix, "--redis-url", "redis+cluster://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefix (FXPROXY_PREFIX)" in err[0], err
+    assert edge_settings(prefix="fx-prod:").prefix == "fx-prod:"
