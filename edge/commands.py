@@ -189,7 +189,7 @@ class Commands:
                 elif verdict == PENDING:
                     plans[symbol] = None  # nothing stored is current: the next tick is its first
                 else:
-                    plans[symbol] = plans[symbol] or self._replan(symbol, since.get(symbol))
+                    plans[symbol] = self._replan(symbol, since.get(symbol), plans[symbol])
             for (code, what), refused_symbols in refused.items():
                 self._symbol_error(code, what, refused_symbols, id)
             attached = [s for s in wanted if verdicts[s] in (SERVE, PENDING)]
@@ -259,12 +259,18 @@ class Commands:
             return judge(symbols, None, {})
         return await demand.judge(symbols)
 
-    def _replan(self, symbol: str, since: proto.Since | None) -> CatchUp | None:
-        """The catch-up from the hub alone (no await), for a symbol Redis had no tick of."""
-        writer = self.conn.writer
+    def _replan(self, symbol: str, since: proto.Since | None, plan: CatchUp | None) -> CatchUp | None:
+        """The plan brought up to the hub as it is now (no await): it may have moved on while we
+        read and asked, and those ticks went to the clients it had, not to this one. What the
+        plan replayed, and the hub's recent ticks, extend it; else the newer snapshot."""
+        hub, writer = self.conn.server.hub, self.conn.writer
         assert writer is not None
-        return catch_up(since, self.conn.server.hub.last(symbol), None, None,
-                        self.conn.server.settings.replay_limit, writer.room() // 2)
+        live = hub.last(symbol)
+        if plan is not None and (live is None or (live[0].epoch == plan.position.epoch
+                                                  and live[0].seq <= plan.position.seq)):
+            return plan  # the hub is not past it (a gate holds the client until it is)
+        found = (plan.frames if plan is not None and plan.recovered else []) + hub.recent(symbol)
+        return catch_up(since, live, None, found, self.conn.server.settings.replay_limit, writer.room() // 2)
 
     def refuse(self, symbol: str, code: ErrorCode, what: str) -> None:
         """The leader refused a symbol this client holds (waiting for it, or streaming it until

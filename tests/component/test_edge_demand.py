@@ -246,3 +246,50 @@ async def test_a_refusal_whose_event_was_missed_reaches_the_client_by_the_next_h
     finally:
         await app.stop(drain_timeout=0)
         await bus.close()
+
+
+class TickingStore(MemoryDemandStore):
+    """A demand store across whose verdict read the symbol keeps ticking (a busy feed, a slow
+    Redis): what the edge's stream moves on meanwhile must still reach the subscriber."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: list[int] = []
+        self.edge: DemandEdge | None = None
+
+    async def statuses(self, symbols: Any) -> dict[str, Verdict]:
+        assert self.edge is not None
+        for seq in self.during:
+            await self.edge.tick("EURUSD", seq)
+        self.during = []
+        return await super().statuses(symbols)
+
+
+@pytest.mark.parametrize("since", [None, 2], ids=["snapshot", "resume"])
+async def test_ticks_that_arrive_while_the_verdicts_are_read_are_not_skipped(since: int | None) -> None:
+    settings = EdgeSettings(host="127.0.0.1", port=0, api_keys=[STATIC_KEY], log_format="console")
+    bus, demand = MemoryBus(), TickingStore()
+    await demand.write_catalog(Catalog(("EURUSD",), ()))
+    app = EdgeApp(settings, bus, MemoryKeyStore(), demand)
+    edge = demand.edge = DemandEdge(app, bus, demand, await app.start())
+    try:
+        for seq in range(1, 6):
+            await edge.tick("EURUSD", seq)
+        demand.during = [6, 7, 8]  # published while the edge awaits its first subscriber's verdicts
+        async with await open_native(edge.port, STATIC_KEY) as ws:
+            msg: dict[str, Any] = {"op": "subscribe", "symbols": ["EURUSD"]}
+            if since is not None:
+                msg["since"] = {"EURUSD": {"epoch": "e1", "seq": since}}
+            await send_json(ws, msg)
+            reply = await recv_json(ws)
+            assert reply.get("recovered") == (None if since is None else {"EURUSD": True})
+            await edge.tick("EURUSD", 9)
+            seqs = [(await recv_json(ws))["seq"]]
+            while seqs[-1] < 9:
+                seqs.append((await recv_json(ws))["seq"])
+        # A snapshot may be any tick up to the newest; whatever follows it has no hole.
+        assert seqs == list(range(seqs[0], 10)), seqs
+        assert seqs[0] == 3 if since else seqs[0] >= 5, seqs
+    finally:
+        await app.stop(drain_timeout=0)
+        await bus.close()

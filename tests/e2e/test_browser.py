@@ -47,7 +47,8 @@ SNAPSHOT_JS = """(() => {
   return {state: document.getElementById('state').dataset.state, rows, ticks: b.ticks,
     gaps: c ? c.gaps : null, duplicates: c ? c.duplicates : null, resets: c ? c.resets : null,
     reconnects: c ? c.reconnects : null, outage: c ? c.lastOutageMs : null,
-    shownGaps: document.getElementById('gaps').textContent, href: location.href};
+    shownGaps: document.getElementById('gaps').textContent, log: document.getElementById('log').textContent,
+    href: location.href};
 })()"""
 
 
@@ -139,7 +140,7 @@ async def test_browser_board_through_nginx_shows_live_prices_and_resumes_after_a
             snap = await snapshot(page)
             assert snap["state"] == "connected" and snap["reconnects"] == 1, snap
             counters = (snap["gaps"], snap["duplicates"], snap["resets"], snap["shownGaps"])
-            assert counters == (0, 0, 0, "0"), snap
+            assert counters == (0, 0, 0, "0"), (snap["log"], snap)
             assert await page.evaluate("window.__subs") == [dict.fromkeys(SYMBOLS, True)]
             log = await page.evaluate("window.fxBoard.log")
             for symbol in SYMBOLS:  # our own witness, besides the page's counters
