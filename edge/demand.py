@@ -78,6 +78,7 @@ class EdgeDemand:
         self._published: frozenset[str] | None = None
         self._catalog: Catalog | None = None
         self._catalog_at: float | None = None
+        self._degraded = False  # the last judge() ran on the cached catalogue alone
 
     def changed(self) -> None:
         """The hub's symbols may have changed (called on every acquire and release)."""
@@ -106,13 +107,33 @@ class EdgeDemand:
             self._published = frozenset()
 
     async def judge(self, symbols: Mapping[str, Position | None]) -> dict[str, Judgement]:
-        """judge() with the catalogue (cached CATALOG_TTL) and the verdicts of those it allows."""
+        """judge() with the catalogue (cached CATALOG_TTL) and the verdicts of those it allows.
+
+        While the store does not answer (its shard failing over), the cached catalogue alone
+        judges: configured symbols are served, on-demand ones wait as pending; a refusal still
+        reaches them by its event or the next heartbeat's recheck. With nothing cached, it raises.
+        """
+        try:
+            catalog = await self._read_catalog()
+            allowed = [s for s in symbols if catalog is not None and catalog.allows(s)]
+            statuses = await self.store.statuses(allowed) if allowed else {}
+        except STORE_ERRORS as exc:
+            if self._catalog is None:
+                raise
+            if not self._degraded:
+                log.warning("demand store unavailable: judging subscribes by the cached catalogue",
+                            extra={"error": str(exc)})
+            self._degraded = True
+            return judge(symbols, self._catalog, {})
+        if self._degraded:
+            log.info("demand store available again")
+            self._degraded = False
+        return judge(symbols, catalog, statuses)
+
+    async def _read_catalog(self) -> Catalog | None:
         now = asyncio.get_running_loop().time()
         if self._catalog is None or self._catalog_at is None or now - self._catalog_at > CATALOG_TTL:
             # None (no leader has written one yet) is not kept: the first one is used at once.
             self._catalog = await self.store.catalog()
             self._catalog_at = now
-        catalog = self._catalog
-        allowed = [s for s in symbols if catalog is not None and catalog.allows(s)]
-        statuses = await self.store.statuses(allowed) if allowed else {}
-        return judge(symbols, catalog, statuses)
+        return self._catalog

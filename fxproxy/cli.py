@@ -124,7 +124,7 @@ async def _simfeed(settings: SimfeedSettings) -> int:
         from fxproxy.simfeed import SimFeed
 
         feed = SimFeed(settings.key.get_secret_value(), settings.rate, settings.max_connections,
-                       max_symbols=settings.max_symbols)
+                       max_symbols=settings.max_symbols, quiet=settings.quiet)
     await feed.start(settings.host, settings.port)
     await _stop_on_signals().wait()
     await feed.close()

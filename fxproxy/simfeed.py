@@ -3,7 +3,8 @@
 Besides the feed, two plain HTTP GETs for tests: `/sessions` (each logged-in connection and its
 symbols, as JSON) and `/stall?symbol=EURUSD` (the connection carrying it goes silent, open).
 Also for tests: `notify_unknown=False` ignores symbols outside the catalogue without a word, as
-the real feed does; a symbol in `quiet` is carried but not quoted (a market that stopped moving).
+the real feed does; a symbol in `quiet` is carried but not quoted (a market that stopped moving),
+any name (`--quiet`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -70,10 +72,10 @@ class Walk:
 
 class SimFeed:
     def __init__(self, key: str, rate: float, max_connections: int = 0, seed: int | None = None,
-                 max_symbols: int = 0, notify_unknown: bool = True) -> None:
+                 max_symbols: int = 0, notify_unknown: bool = True, quiet: Iterable[str] = ()) -> None:
         self._key = key
         self._notify_unknown = notify_unknown
-        self.quiet: set[str] = set()
+        self.quiet = set(quiet)
         self._rate = rate
         self._max_connections = max_connections
         self._max_symbols = max_symbols
@@ -81,6 +83,8 @@ class SimFeed:
         self.clients: list[Client] = []
         rng = random.Random(seed)
         self._walks = {s: Walk(mid, d, rng) for s, (mid, d) in PAIRS.items()}
+        for symbol in self.quiet - self._walks.keys():  # carried, so never "unknown"
+            self._walks[symbol] = Walk(1.0, 5, rng)
         self.server: Server | None = None
 
     async def start(self, host: str, port: int) -> int:

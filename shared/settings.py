@@ -265,3 +265,12 @@ class SimfeedSettings(CommonSettings):
         0.0, ge=0, description="kabu: seconds a token lasts; then it is revoked, registrations are "
         "dropped and push sockets closed, as at kabuステーション's forced logout (0 = never)"
     )
+    quiet: CsvList = Field(
+        default_factory=list, description="tradermade: symbols carried (added to the catalogue if "
+        "missing) but never quoted, like a market that stopped moving; comma-separated"
+    )
+
+    @field_validator("quiet", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)

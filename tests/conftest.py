@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import redis
@@ -127,11 +127,12 @@ class Cluster:
         self.redis_url = redis_url
         self.feed_port = 0
 
-    def simfeed(self, port: int = 0, rate: float = 20.0) -> Proc:
-        """The vendor stand-in; like a real vendor it takes one logged-in connection at a time."""
+    def simfeed(self, port: int = 0, rate: float = 20.0, quiet: Iterable[str] = ()) -> Proc:
+        """The vendor stand-in; like a real vendor it takes one logged-in connection at a time.
+        `quiet` symbols are carried and never quoted."""
         self.feed_port = port or free_port()
         proc = self.start("simfeed", "--port", str(self.feed_port), "--key", UPSTREAM_KEY,
-                          "--rate", str(rate), "--max-connections", "1")
+                          "--rate", str(rate), "--max-connections", "1", "--quiet", ",".join(quiet))
         wait_port(self.feed_port)
         return proc
 

@@ -293,3 +293,54 @@ async def test_ticks_that_arrive_while_the_verdicts_are_read_are_not_skipped(sin
     finally:
         await app.stop(drain_timeout=0)
         await bus.close()
+
+
+class FailingStore(MemoryDemandStore):
+    """A demand store whose reads fail while `down` (its Redis shard failing over)."""
+
+    down = False
+
+    async def catalog(self) -> Catalog | None:
+        if self.down:
+            raise ConnectionError("store down")
+        return await super().catalog()
+
+    async def statuses(self, symbols: Any) -> dict[str, Verdict]:
+        if self.down:
+            raise ConnectionError("store down")
+        return await super().statuses(symbols)
+
+
+async def test_while_the_store_is_down_the_cached_catalogue_judges_subscribes() -> None:
+    settings = EdgeSettings(host="127.0.0.1", port=0, api_keys=[STATIC_KEY], log_format="console")
+    bus, demand = MemoryBus(), FailingStore()
+    app = EdgeApp(settings, bus, MemoryKeyStore(), demand)
+    edge = DemandEdge(app, bus, demand, await app.start())
+    try:
+        await edge.tick("EURUSD", 1)
+        await edge.tick("XAUUSD", 1)
+        await edge.verdict("XAUUSD", Verdict("streaming", Position("e1", 1)))
+        async with await open_native(edge.port, STATIC_KEY) as ws:
+            demand.down = True  # and no catalogue read yet: nothing to judge by
+            await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD"], "id": 1})
+            error = await recv_json(ws)
+            assert (error["code"], error["id"]) == ("unavailable", 1)
+            demand.down = False
+            await demand.write_catalog(Catalog(("EURUSD",), ("XAU*",)))
+            await send_json(ws, {"op": "subscribe", "symbols": ["EURUSD"], "id": 2})
+            assert (await recv_json(ws))["symbols"] == ["EURUSD"]
+            assert (await recv_json(ws))["snapshot"] is True
+            demand.down = True
+            await asyncio.sleep(1.1)  # past CATALOG_TTL: the edge would read the catalogue again
+            # Configured: served as ever. On demand: its verdict is unknown, so no snapshot that
+            # might be stale; pending until its next tick. Outside the catalogue: unknown.
+            await send_json(ws, {"op": "subscribe", "symbols": ["XAUUSD", "GBPJPY"], "id": 3})
+            error = await recv_json(ws)
+            assert (error["code"], error["symbols"]) == ("unknown_symbol", ["GBPJPY"])
+            assert await recv_json(ws) == {"type": "subscribed", "id": 3, "symbols": ["XAUUSD"],
+                                           "pending": ["XAUUSD"]}
+            await edge.tick("XAUUSD", 2)
+            assert ((await recv_json(ws))["seq"]) == 2
+    finally:
+        await app.stop(drain_timeout=0)
+        await bus.close()

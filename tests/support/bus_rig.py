@@ -5,11 +5,12 @@ Witness clients on both edges, on whatever bus URL (cluster or sentinel) the tes
 watches a little longer for late gaps and duplicates, then returns the figures the tests assert
 bounds on.
 
-Two kinds of extra symbols: `quiet` ones are followed by every witness but never streamed: the
-test stores their ticks itself (`store_ticks`), so that ticks written to history without a
-publish (as if pub/sub lost them when the node died) reach clients only through the edges'
-history refill after a resubscribe. `unwatched` ones are streamed but followed by nobody, so a
-client can subscribe to one mid-fault (`first_live_tick`).
+Two kinds of extra symbols: `quiet` ones are followed by every witness, configured at the
+ingestors, and carried by the feed but never quoted: the test stores their ticks itself
+(`store_ticks`), so that ticks written to history without a publish (as if pub/sub lost them
+when the node died) reach clients only through the edges' history refill after a resubscribe.
+`unwatched` ones are streamed but followed by nobody, so a client can subscribe to one mid-fault
+(`first_live_tick`).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class BusRig:
     witnesses: list[Witness] = field(default_factory=list)
 
     async def start(self, rate: float = 20.0, leader_ttl: float = 2.0) -> None:
-        self.cluster.simfeed(rate=rate)
-        streamed = ",".join([*self.symbols, *self.unwatched])
+        # Quiet symbols are configured, so edges serve them, and carried but never quoted.
+        self.cluster.simfeed(rate=rate, quiet=self.quiet)
+        streamed = ",".join([*self.symbols, *self.unwatched, *self.quiet])
         self.ingestors = [self.cluster.ingestor(streamed, FXPROXY_NODE_ID=f"ing-{i}",
                                                 FXPROXY_LEADER_TTL=str(leader_ttl))
                           for i in range(2)]
