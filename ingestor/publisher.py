@@ -20,6 +20,9 @@ log = logging.getLogger("fxproxy.ingestor.publisher")
 
 PARTIAL_RETRY = 0.05  # seconds before retrying what a shard that is away did not take
 WARN_INTERVAL = 1.0  # at most one "partly failed" warning this often while a shard is away
+# Longest wait between retries of a batch that holds only an away shard's ticks, when no fresh
+# ones come: a quiet market's parked ticks go out this soon after the shard is back.
+PARKED_RETRY_MAX = 0.5
 
 
 class Publisher:
@@ -99,7 +102,7 @@ class Publisher:
                             "error": str(exc), "parked": len(self._parked)})
                     await asyncio.sleep(PARTIAL_RETRY)
                     if len(self._queue) <= len(fresh):
-                        await self._wait_for_ticks(delay)
+                        await self._wait_for_ticks(min(delay, PARKED_RETRY_MAX))
                     continue
                 backoff.reset()
                 self._parked.drop(len(retried))

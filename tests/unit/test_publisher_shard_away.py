@@ -92,11 +92,16 @@ async def test_parked_ticks_are_bounded_like_the_queue() -> None:
         for symbol in ("A0",) * 40 + ("L0",):
             publisher.put(seqs.number(Quote(symbol, 1.0, 1.1, 1.05, 1732186000000)))
         await asyncio.sleep(0.1)
+    back_at = asyncio.get_running_loop().time()
     bus.back.set()
     assert await publisher.flush(5)
+    drained = asyncio.get_running_loop().time() - back_at
     running.cancel()
     away = [m.seq for _, m in bus.stored if m.symbol == "A0"]
-    print(f"away ticks kept: {len(away)} of 400")
+    print(f"away ticks kept: {len(away)} of 400, all out {drained:.2f}s after the shard was back")
+    # No fresh tick comes to wake the publisher: its own retries must (they used to back off
+    # to 5 s).
+    assert drained < 1.0, drained  # PARTIAL_RETRY + PARKED_RETRY_MAX, and a margin
     # The newest are kept (old prices are worth least), in order, at most the parked bound plus
     # what the queue held.
     assert away == sorted(away) and away[-1] == 400
