@@ -27,6 +27,7 @@ log = logging.getLogger("fxproxy.edge.hub")
 History = Callable[[str, int, int], Awaitable[list[bytes]]]
 MAX_HELD = 10_000  # live ticks of one symbol held during a repair before we stop waiting
 RECENT = 64  # ticks per symbol kept to complete resumes (see Stream.recent)
+REPAIR_RETRY = 0.05  # seconds before a failed history read is tried again (doubling to 0.5)
 
 
 @dataclass(slots=True)
@@ -326,14 +327,26 @@ class Hub:
         task.add_done_callback(self._tasks.discard)
 
     async def _repair(self, symbol: str, stream: Stream, after: Position) -> None:
-        """Fill a gap after `after` from history."""
+        """Fill a gap after `after` from history, retrying a failed read until the repair
+        timeout: just after a failover the first read may still go to the node that died, and a
+        symbol that ticks no more would otherwise never be refilled."""
         found: list[bytes] = []
-        try:
-            async with asyncio.timeout(self._repair_timeout):
-                # Read past the gap too: what lies after a hole in history still goes out.
-                found = await self._history(symbol, after.seq, self._replay_limit)
-        except Exception as exc:  # any failure ends in a reset, never in a silent gap
-            log.warning("history read failed during repair", extra={"symbol": symbol, "error": repr(exc)})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._repair_timeout
+        pause = REPAIR_RETRY
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    # Read past the gap too: what lies after a hole in history still goes out.
+                    found = await self._history(symbol, after.seq, self._replay_limit)
+                break
+            except Exception as exc:  # any failure ends in a reset, never in a silent gap
+                if loop.time() + pause >= deadline:
+                    log.warning("history read failed during repair",
+                                extra={"symbol": symbol, "error": repr(exc)})
+                    break
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.5)
         if self._streams.get(symbol) is stream:
             self._finish_repair(symbol, stream, found)
 

@@ -131,8 +131,9 @@ class Cluster:
         """The vendor stand-in; like a real vendor it takes one logged-in connection at a time.
         `quiet` symbols are carried and never quoted."""
         self.feed_port = port or free_port()
+        quiet_args = ("--quiet", ",".join(quiet)) if quiet else ()
         proc = self.start("simfeed", "--port", str(self.feed_port), "--key", UPSTREAM_KEY,
-                          "--rate", str(rate), "--max-connections", "1", "--quiet", ",".join(quiet))
+                          "--rate", str(rate), "--max-connections", "1", *quiet_args)
         wait_port(self.feed_port)
         return proc
 

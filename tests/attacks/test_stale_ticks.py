@@ -34,7 +34,10 @@ async def test_client_that_stops_reading_30s_gets_no_tick_older_than_max_lag_or_
     cluster.ingestor()
     proc, port = cluster.edge(FXPROXY_SLOW_CLIENT_TIMEOUT="5")
     async with neighbour(port, cluster.redis_url) as good:
-        client = await asyncio.to_thread(connect_ws, port, "/v1/stream", API_KEY, 4096)
+        # A receive buffer the size of a default one, not a tiny one: below loopback's 64 KB
+        # segment size, TCP's silly-window avoidance can trickle the backlog out at ~14 KB/s once
+        # the client reads again (seen on a busy CI machine), and the 1013 behind it comes late.
+        client = await asyncio.to_thread(connect_ws, port, "/v1/stream", API_KEY, 262144)
         try:
             client.send(text({"op": "subscribe", "symbols": symbols, "id": 1}))
             await asyncio.to_thread(drain, client, 0.5)  # reads for half a second, then stops

@@ -117,6 +117,25 @@ async def test_a_hung_history_read_ends_in_a_reset_after_the_repair_timeout() ->
     assert a.seen == [("reset", "e1"), 3]
 
 
+async def test_a_failed_history_read_is_retried_within_the_repair_timeout() -> None:
+    """Just after a cluster failover the first read may go to the node that died: a quiet
+    symbol, which ticks no more, is refilled by the retry or never."""
+    class Flaky(History):
+        async def __call__(self, symbol: str, after: int, limit: int) -> list[bytes]:
+            if not self.calls:
+                self.calls.append((after, limit))
+                raise ConnectionError("the old primary")
+            return await super().__call__(symbol, after, limit)
+
+    a = Recorder()
+    history = Flaky(2, 3)
+    hub = await hub_with(history, a)
+    hub.recover()
+    await asyncio.sleep(0.15)
+    assert len(history.calls) == 2
+    assert a.seen == [2, 3]  # no reset: the retry filled it
+
+
 async def test_a_new_epoch_is_announced_before_its_first_tick() -> None:
     a = Recorder()
     hub = await hub_with(History(), a)
