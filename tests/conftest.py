@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import pytest
 import redis
@@ -127,7 +127,7 @@ class Cluster:
         self.redis_url = redis_url
         self.feed_port = 0
 
-    def simfeed(self, port: int = 0, rate: float = 20.0, quiet: Iterable[str] = ()) -> Proc:
+    def simfeed(self, port: int = 0, rate: float = 20.0, quiet: Collection[str] = ()) -> Proc:
         """The vendor stand-in; like a real vendor it takes one logged-in connection at a time.
         `quiet` symbols are carried and never quoted."""
         self.feed_port = port or free_port()
