@@ -17,7 +17,8 @@ from ingestor.vendors import tradermade
 from ingestor.vendors.base import SILENT, Hooks
 from ingestor.vendors.tradermade import TraderMadeSession
 from shared.settings import IngestorSettings
-from tests.support.upstream import Recorder, eventually, pool_running, session_running
+from tests.support.running import running
+from tests.support.upstream import Recorder, eventually, pool_running
 
 
 async def test_tradermade_sessions_follow_demand_and_staying_symbols_never_pause() -> None:
@@ -71,7 +72,7 @@ async def test_tradermade_symbol_never_quoted_while_others_quote_is_silent_after
     session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["EURUSD", "GBPUSD"],
                                 Hooks(rec.quote, rec.status), first_quote_timeout=0.5)
     try:
-        async with session_running(session):
+        async with running(session.run()):
             await eventually(lambda: rec.seen(0) == {"EURUSD", "GBPUSD"})
             feed.quiet.add("GBPUSD")  # quoted, then went quiet: not a symbol the feed lacks
             session.change(frozenset({"EURUSD", "GBPUSD", "NOSUCH"}))
@@ -105,7 +106,7 @@ async def test_tradermade_session_that_hears_nothing_gives_up_on_no_symbol() -> 
                                 Hooks(rec.quote, rec.status, link), silence_timeout=0.3,
                                 first_quote_timeout=0.3, backoff=Backoff(0.05, 0.1))
     try:
-        async with session_running(session):
+        async with running(session.run()):
             await asyncio.sleep(1.5)
     finally:
         await feed.close()
@@ -174,7 +175,7 @@ async def test_tradermade_failed_resend_ends_the_login_and_the_next_one_carries_
     session = TraderMadeSession([f"ws://127.0.0.1:{port}/"], "k", ["EURUSD"],
                                 Hooks(rec.quote, rec.status), backoff=Backoff(0.05, 0.5))
     try:
-        async with session_running(session):
+        async with running(session.run()):
             await eventually(lambda: "EURUSD" in rec.seen(0))
             changed = time.monotonic()
             session.change(frozenset({"EURUSD", "USDJPY"}))

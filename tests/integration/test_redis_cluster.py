@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 import pytest
@@ -14,8 +14,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from fxproxy.simfeed import PAIRS
-from shared.bus import Message, PartlyPublished
+from shared.bus import Message, PartlyPublished, TickHandler
 from shared.cluster_bus import ClusterBus
+from shared.cluster_subscriber import ClusterSubscriber
 from shared.names import Names
 from tests.conftest import API_KEY, Cluster, StartProc
 from tests.integration.test_keys_cluster import create_key, keys_cli
@@ -30,6 +31,7 @@ from tests.support.client import (
     until,
 )
 from tests.support.redis_cluster import RedisCluster, command
+from tests.support.running import running
 
 pytestmark = pytest.mark.integration
 
@@ -285,6 +287,23 @@ def _tick(symbol: str, seq: int) -> bytes:
     return b'{"symbol":"%s","epoch":"e","seq":%d}' % (symbol.encode(), seq)
 
 
+@contextlib.asynccontextmanager
+async def reading(url: str, symbols: list[str], on_tick: TickHandler,
+                  ) -> AsyncIterator[tuple[ClusterBus, ClusterSubscriber, list[bool], list[str]]]:
+    """Subscribe `symbols` on the cluster at `url` and read them until the block ends; yields
+    the bus, the subscriber, its up/down states and the symbols it handed for a refill."""
+    bus = ClusterBus(url)
+    states: list[bool] = []
+    resubscribed: list[str] = []
+    subscriber = bus.subscriber(on_tick, lambda _e: None, states.append, resubscribed.extend)
+    try:
+        await subscriber.subscribe(symbols)
+        async with running(subscriber.run()):
+            yield bus, subscriber, states, resubscribed
+    finally:
+        await bus.close()
+
+
 @pytest.mark.slow  # mostly waiting: runs with the parallel half
 async def test_subscriber_resubscribes_when_the_server_ends_its_sharded_subscription(
         redis_cluster: RedisCluster, redis_cluster_url: str) -> None:
@@ -293,27 +312,21 @@ async def test_subscriber_resubscribes_when_the_server_ends_its_sharded_subscrip
     a history refill) and ticks flow; the bus is never down (the control channel's connection
     stays), and an unsubscribe of our own is not mistaken for a push."""
     symbols = [s for group in spread(redis_cluster, 1).values() for s in group]
-    bus = ClusterBus(redis_cluster_url)
-    states: list[bool] = []
-    resubscribed: list[str] = []
     got: dict[str, int] = {s: 0 for s in symbols}
-    subscriber = bus.subscriber(lambda s, _p: got.__setitem__(s, got[s] + 1), lambda _e: None,
-                                states.append, resubscribed.extend)
-    await subscriber.subscribe(symbols)
-    reading = asyncio.create_task(subscriber.run())
     seq = 0
+    async with reading(redis_cluster_url, symbols, lambda s, _p: got.__setitem__(s, got[s] + 1)) as (
+            bus, subscriber, states, resubscribed):
 
-    async def publish_until(pred: Callable[[], bool], timeout: float) -> float:
-        nonlocal seq
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout and not pred():
-            seq += 1
-            with contextlib.suppress(PartlyPublished):  # the failing-over shard, for a moment
-                await bus.publish([Message(s, seq, _tick(s, seq)) for s in symbols])
-            await asyncio.sleep(0.02)
-        return time.monotonic() - t0
+        async def publish_until(pred: Callable[[], bool], timeout: float) -> float:
+            nonlocal seq
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < timeout and not pred():
+                seq += 1
+                with contextlib.suppress(PartlyPublished):  # the failing-over shard, for a moment
+                    await bus.publish([Message(s, seq, _tick(s, seq)) for s in symbols])
+                await asyncio.sleep(0.02)
+            return time.monotonic() - t0
 
-    try:
         await publish_until(lambda: all(got.values()), 10)
         assert states == [True] and all(got.values())
         await subscriber.unsubscribe(symbols[2:])
@@ -330,11 +343,6 @@ async def test_subscriber_resubscribes_when_the_server_ends_its_sharded_subscrip
         assert states == [True] and resubscribed == [symbols[0]] and got[symbols[0]] > before + 5
         assert took < 10.0
         assert redis_cluster.owner(NAMES.tick_channel(symbols[0])) == replica
-    finally:
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
-        await bus.close()
 
 
 async def test_a_symbol_toggled_fast_never_takes_the_bus_down(
@@ -343,15 +351,9 @@ async def test_a_symbol_toggled_fast_never_takes_the_bus_down(
     own SUNSUBSCRIBEs are not pushes from the server (each one used to take the bus down: /readyz
     503, every symbol refilled, every key reloaded), and ticks keep flowing."""
     symbol = "EURUSD"
-    bus = ClusterBus(redis_cluster_url)
-    states: list[bool] = []
-    resubscribed: list[str] = []
     got: list[bytes] = []
-    subscriber = bus.subscriber(lambda _s, p: got.append(p), lambda _e: None, states.append,
-                                resubscribed.extend)
-    await subscriber.subscribe([symbol])
-    reading = asyncio.create_task(subscriber.run())
-    try:
+    async with reading(redis_cluster_url, [symbol], lambda _s, p: got.append(p)) as (
+            bus, subscriber, states, resubscribed):
         for _ in range(100):
             if states:
                 break
@@ -370,11 +372,6 @@ async def test_a_symbol_toggled_fast_never_takes_the_bus_down(
         assert cycles == 0 and states == [True], states
         assert resubscribed == []
         assert len(got) == 20
-    finally:
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
-        await bus.close()
 
 
 async def test_subscriber_follows_a_slot_migrated_to_another_primary(
@@ -386,24 +383,18 @@ async def test_subscriber_follows_a_slot_migrated_to_another_primary(
     channel = NAMES.tick_channel(symbol)
     slot, src = redis_cluster.keyslot(channel), redis_cluster.owner(channel)
     dst = next(p for p in redis_cluster.primary_ports() if p != src)
-    bus = ClusterBus(redis_cluster_url)
-    states: list[bool] = []
-    resubscribed: list[str] = []
     got: list[bytes] = []
-    subscriber = bus.subscriber(lambda _s, p: got.append(p), lambda _e: None, states.append,
-                                resubscribed.extend)
-    await subscriber.subscribe([symbol])
-    reading = asyncio.create_task(subscriber.run())
     seq = 0
+    async with reading(redis_cluster_url, [symbol], lambda _s, p: got.append(p)) as (
+            bus, _, states, resubscribed):
 
-    async def publish(n: int) -> None:
-        nonlocal seq
-        for _ in range(n):
-            seq += 1
-            await bus.publish([Message(symbol, seq, _tick(symbol, seq))])
-            await asyncio.sleep(0.02)
+        async def publish(n: int) -> None:
+            nonlocal seq
+            for _ in range(n):
+                seq += 1
+                await bus.publish([Message(symbol, seq, _tick(symbol, seq))])
+                await asyncio.sleep(0.02)
 
-    try:
         await publish(20)
         assert states == [True] and got, "no ticks before the move"
         src_id, dst_id = (command(p, "CLUSTER", "MYID").split("\r\n")[1] for p in (src, dst))
@@ -427,8 +418,3 @@ async def test_subscriber_follows_a_slot_migrated_to_another_primary(
         assert took < 10.0
         assert redis_cluster.owner(channel) == dst
         assert len(await bus.history(symbol, 0, 1000)) == seq  # history moved with the slot
-    finally:
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
-        await bus.close()

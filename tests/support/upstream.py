@@ -1,5 +1,5 @@
-"""The ingestor's upstream side in tests: a recorder of quotes and statuses, a pool or session
-running in the background, and waiting for a condition."""
+"""The ingestor's upstream side in tests: a recorder of quotes and statuses, a pool running in
+the background, and waiting for a condition."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from ingestor import pool as pool_module
 from ingestor.pool import UpstreamPool
 from ingestor.vendors.base import Hooks
-from ingestor.vendors.supervise import Supervised
 from shared.settings import IngestorSettings
 from shared.tick import Quote
+from tests.support.running import running
 
 
 class Recorder:
@@ -50,24 +50,8 @@ async def eventually(pred: object, timeout: float = 5.0) -> float:
 async def pool_running(settings: IngestorSettings, rec: Recorder) -> AsyncIterator[UpstreamPool]:
     pool = UpstreamPool(settings, rec.quote, rec.status)
     pool.want(settings.symbols)
-    task = asyncio.create_task(pool.run())
-    try:
+    async with running(pool.run()):
         yield pool
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-@contextlib.asynccontextmanager
-async def session_running(session: Supervised) -> AsyncIterator[Supervised]:
-    task = asyncio.create_task(session.run())
-    try:
-        yield session
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class FakeSession:
