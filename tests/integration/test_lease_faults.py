@@ -24,6 +24,7 @@ from tests.support.client import open_native, send_json
 from tests.support.ports import free_port
 from tests.support.procs import Proc, wait_http
 from tests.support.redis_server import RedisServer
+from tests.support.running import running
 
 pytestmark = pytest.mark.integration
 
@@ -64,13 +65,8 @@ async def polling(port: int, path: str) -> AsyncIterator[list[tuple[float, int |
             seen.append((time.monotonic(), *(got or (None, ""))))
             await asyncio.sleep(0.1)
 
-    task = asyncio.create_task(poll())
-    try:
+    async with running(poll()):
         yield seen
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
@@ -82,13 +78,8 @@ async def recording(ws: ClientConnection) -> AsyncIterator[list[tuple[float, dic
         async for raw in ws:
             frames.append((time.monotonic(), orjson.loads(raw)))
 
-    task = asyncio.create_task(read())
-    try:
+    async with running(read()):
         yield frames
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def assert_every_discontinuity_announced(frames: list[dict[str, Any]]) -> int:
